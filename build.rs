@@ -52,7 +52,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "RegisterResponse",
             false,
         ))
-        .method(method("ack_update", "AckUpdate", "AckRequest", "AckResponse", false))
+        .method(method(
+            "ack_update",
+            "AckUpdate",
+            "AckRequest",
+            "AckResponse",
+            false,
+        ))
         .method(method(
             "fetch_worker",
             "FetchWorker",

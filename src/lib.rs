@@ -1,1 +1,12 @@
+//! workerpush: the push control plane of a self-hosted Workers platform.
+//!
+//! # Layout
+//! - [`core`]: revisions, epochs, the retained log, subscriptions (replay, RESET, SYNCED),
+//!   publishing, the consumer registry. No transport code.
+//! - [`store`]: durable state behind one trait — memory, embedded files, Redis.
+//! - [`pb`]: the wire contract generated from `proto/control_plane.proto`.
+#![warn(missing_docs)]
+
+pub mod core;
 pub mod pb;
+pub mod store;

@@ -1,0 +1,660 @@
+//! The broadcast core: revisions, epochs, the retained log, subscriptions with replay, RESET
+//! and SYNCED, publishing, fetching, listing, the consumer registry and acknowledgements.
+//!
+//! It knows nothing of tonic, quinn, axum or redis: transports and the hook call [`Core`], and
+//! durable state sits behind [`crate::store::Store`]. A follower task is the only writer of the
+//! [`hub::Hub`]: it reads durable changes from the store in revision order (after a local
+//! commit, a store hint, or a poll), so a change reaches subscribers only once durable, and
+//! changes committed by other cores sharing the store arrive the same way.
+
+pub mod error;
+pub mod hub;
+pub mod subscription;
+pub mod types;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{Coded, ErrorCode, InvalidInput, PublishError, RequestError};
+pub use subscription::{Ended, Start, SubscriberInfo, Subscription};
+pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, WorkerName};
+
+use self::hub::{Entry, Hub, Retention};
+use crate::{
+    pb::WorkerUpdate,
+    store::{Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Store, StoreError, Tail},
+};
+
+/// Tunables of the core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Changes kept in the retained log for resume.
+    pub retain_changes: usize,
+    /// Encoded bytes kept in the retained log.
+    pub retain_bytes: usize,
+    /// Code up to this size travels inside updates; larger code is fetched.
+    pub inline_max_bytes: u64,
+    /// Largest code accepted.
+    pub max_code_bytes: u64,
+    /// A SYNCED progress marker at least this often while filtered-out changes go by.
+    pub progress_interval: Duration,
+    /// How often the follower polls the store when no hint arrives.
+    pub poll_interval: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            retain_changes: 10_000,
+            retain_bytes: 256 << 20,
+            inline_max_bytes: 1 << 20,
+            max_code_bytes: 10 << 20,
+            progress_interval: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The answer to an accepted publish or delete.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Published {
+    /// The revision of the change (the existing one when unchanged).
+    pub revision: Revision,
+    /// The epoch.
+    pub epoch: Epoch,
+    /// The worker.
+    pub worker: WorkerName,
+    /// The version put or removed.
+    pub version: Version,
+    /// Checksum of that version.
+    pub checksum: Checksum,
+    /// Size of that version.
+    pub size: u64,
+    /// `false` when the same version and code was already the latest.
+    pub created: bool,
+}
+
+/// A bundle to stream to a consumer.
+#[derive(Clone, Debug)]
+pub struct Bundle {
+    /// Its version.
+    pub version: Version,
+    /// Its checksum.
+    pub checksum: Checksum,
+    /// The code.
+    pub code: Bytes,
+}
+
+/// The latest versions, without code.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// The head revision.
+    pub head: Revision,
+    /// One summary per live worker passing the filter, ascending by revision.
+    pub workers: Vec<WorkerUpdate>,
+}
+
+/// Who is subscribing and to what.
+#[derive(Clone, Debug)]
+pub struct SubscribeParams {
+    /// The consumer id, already authorized against the certificate identity.
+    pub consumer_id: ConsumerId,
+    /// Which workers.
+    pub filter: WorkerFilter,
+    /// The client's last epoch and revision, if any.
+    pub resume: Option<(String, Revision)>,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+}
+
+/// A consumer's acknowledgement of one revision.
+#[derive(Clone, Debug)]
+pub struct Ack {
+    /// Who.
+    pub consumer_id: ConsumerId,
+    /// Which worker.
+    pub worker: WorkerName,
+    /// The revision it applied (or failed to).
+    pub revision: Revision,
+    /// Applied, or refused.
+    pub applied: bool,
+    /// Why not, when refused.
+    pub error: String,
+}
+
+/// The broadcast core; see the module docs. Cheap to share behind an `Arc`.
+pub struct Core {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    config: CoreConfig,
+    shutdown: CancellationToken,
+    fresh_code: Mutex<HashMap<Checksum, Bytes>>,
+    subscribers: Arc<Mutex<BTreeMap<u64, Arc<SubscriberInfo>>>>,
+    next_subscriber: AtomicU64,
+    registry: Mutex<HashMap<ConsumerId, ConsumerRecord>>,
+    store_healthy: AtomicBool,
+    follower: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Core {
+    /// Loads the durable state and starts following the store.
+    pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Arc<Self>, StoreError> {
+        let recovered = store.load().await?;
+        let registry = store
+            .consumers()
+            .await?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let retention = Retention {
+            changes: config.retain_changes.max(1),
+            bytes: config.retain_bytes,
+        };
+        let empty = Hub::new(
+            recovered.epoch.clone(),
+            0,
+            Vec::new(),
+            Vec::new(),
+            retention,
+        );
+        let core = Arc::new(Self {
+            store,
+            hub: Arc::new(empty),
+            config,
+            shutdown: CancellationToken::new(),
+            fresh_code: Mutex::new(HashMap::new()),
+            subscribers: Arc::new(Mutex::new(BTreeMap::new())),
+            next_subscriber: AtomicU64::new(1),
+            registry: Mutex::new(registry),
+            store_healthy: AtomicBool::new(true),
+            follower: Mutex::new(None),
+        });
+        core.install(
+            recovered.epoch,
+            recovered.head,
+            recovered.latest,
+            recovered.tail,
+        )
+        .await?;
+        tracing::info!(epoch = %core.epoch(), head = core.head(), workers = core.hub.read().live_workers(), "core opened");
+        let follower = tokio::spawn(core.clone().follow());
+        *lock(&core.follower) = Some(follower);
+        Ok(core)
+    }
+
+    /// Ends every subscription with [`Ended::ShuttingDown`], refuses new work, and waits for
+    /// the follower to stop.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let follower = lock(&self.follower).take();
+        if let Some(follower) = follower {
+            let _ = follower.await;
+        }
+    }
+
+    /// Whether the core is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// A token cancelled when the core shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Whether the store answered the follower's last read.
+    pub fn is_store_healthy(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed)
+    }
+
+    /// The tunables.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.hub.read().epoch().clone()
+    }
+
+    /// The head revision subscribers can see.
+    pub fn head(&self) -> Revision {
+        self.hub.read().head()
+    }
+
+    /// Publishes `code` as `version` of `worker`. Answers once the change is durable (and,
+    /// unless the store stops answering, visible to subscribers).
+    pub async fn publish(
+        &self,
+        worker: WorkerName,
+        version: Version,
+        code: Bytes,
+        expected: Option<Checksum>,
+    ) -> Result<Published, PublishError> {
+        if self.is_shutting_down() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let size = code.len() as u64;
+        if size > self.config.max_code_bytes {
+            return Err(PublishError::TooLarge {
+                size,
+                limit: self.config.max_code_bytes,
+            });
+        }
+        let checksum = Checksum::of(&code);
+        if let Some(given) = expected {
+            if given != checksum {
+                return Err(PublishError::ChecksumMismatch {
+                    given,
+                    actual: checksum,
+                });
+            }
+        }
+        self.store.put_bundle(&checksum, code.clone()).await?;
+        let inline = size <= self.config.inline_max_bytes;
+        if inline {
+            lock(&self.fresh_code).insert(checksum.clone(), code);
+        }
+        let proposal = Proposal::Put {
+            worker: worker.clone(),
+            version: version.clone(),
+            checksum: checksum.clone(),
+            size,
+        };
+        let outcome = self.store.apply(proposal, now_ms()).await;
+        let result = self.answer(outcome, &worker, Some(&version)).await;
+        if inline {
+            lock(&self.fresh_code).remove(&checksum);
+        }
+        result.map(|published| {
+            if published.created {
+                metrics::counter!("workerpush_changes_published_total", "kind" => "put")
+                    .increment(1);
+            }
+            published
+        })
+    }
+
+    /// Deletes `worker`: its latest version goes, and consumers remove it.
+    pub async fn delete(&self, worker: WorkerName) -> Result<Published, PublishError> {
+        if self.is_shutting_down() {
+            return Err(PublishError::ShuttingDown);
+        }
+        let outcome = self
+            .store
+            .apply(
+                Proposal::Delete {
+                    worker: worker.clone(),
+                },
+                now_ms(),
+            )
+            .await;
+        let published = self.answer(outcome, &worker, None).await?;
+        metrics::counter!("workerpush_changes_published_total", "kind" => "delete").increment(1);
+        Ok(published)
+    }
+
+    async fn answer(
+        &self,
+        outcome: Result<Outcome, StoreError>,
+        worker: &WorkerName,
+        version: Option<&Version>,
+    ) -> Result<Published, PublishError> {
+        let (change, created) = match outcome? {
+            Outcome::Committed(change) => {
+                self.visible(change.revision).await;
+                (change, true)
+            }
+            Outcome::Unchanged(change) => (change, false),
+            Outcome::Conflict { existing } => {
+                return Err(PublishError::Conflict {
+                    worker: worker.clone(),
+                    version: version.cloned().ok_or_else(|| {
+                        StoreError::Corrupt("store answered a delete with a conflict".to_owned())
+                    })?,
+                    existing,
+                });
+            }
+            Outcome::NotFound => return Err(PublishError::NotFound(worker.clone())),
+        };
+        Ok(Published {
+            revision: change.revision,
+            epoch: self.epoch(),
+            worker: change.worker,
+            version: change.version,
+            checksum: change.checksum,
+            size: change.size,
+            created,
+        })
+    }
+
+    /// Waits (briefly) until the follower has made `revision` visible.
+    async fn visible(&self, revision: Revision) {
+        let mut head = self.hub.watch_head();
+        let wait = head.wait_for(|head| *head >= revision);
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(revision, "change durable but not yet visible after 5 s");
+        }
+    }
+
+    /// Starts a subscription.
+    pub fn subscribe(&self, params: SubscribeParams) -> Result<Subscription, RequestError> {
+        if self.is_shutting_down() {
+            return Err(RequestError::ShuttingDown);
+        }
+        let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(SubscriberInfo {
+            id,
+            consumer_id: params.consumer_id,
+            transport: params.transport,
+            remote: params.remote,
+            filter: params.filter.clone(),
+            since_ms: now_ms(),
+            delivered: AtomicU64::new(0),
+        });
+        lock(&self.subscribers).insert(id, info.clone());
+        let subscribers = self.subscribers.clone();
+        let transport = params.transport;
+        metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
+        let subscription = Subscription::new(
+            self.hub.clone(),
+            self.shutdown.clone(),
+            params.filter,
+            params.resume,
+            self.config.progress_interval,
+            info,
+            Box::new(move |id| {
+                lock(&subscribers).remove(&id);
+                metrics::gauge!("workerpush_subscribers", "transport" => transport).decrement(1.0);
+            }),
+        );
+        let start = match subscription.start() {
+            Start::Replay => "replay",
+            Start::Reset => "reset",
+        };
+        metrics::counter!("workerpush_subscriptions_total", "start" => start).increment(1);
+        Ok(subscription)
+    }
+
+    /// The live subscriptions.
+    pub fn subscribers(&self) -> Vec<Arc<SubscriberInfo>> {
+        lock(&self.subscribers).values().cloned().collect()
+    }
+
+    /// A bundle: the latest version of `worker`, or `version` if it is latest or still in the
+    /// retained log.
+    pub async fn fetch(
+        &self,
+        worker: &WorkerName,
+        version: Option<&Version>,
+    ) -> Result<Bundle, RequestError> {
+        let entry = {
+            let state = self.hub.read();
+            match version {
+                None => state.latest(worker).cloned(),
+                Some(version) => state.find_version(worker, version),
+            }
+        };
+        let not_found = || match version {
+            Some(v) => RequestError::NotFound(format!("worker {worker} version {v}")),
+            None => RequestError::NotFound(format!("worker {worker}")),
+        };
+        let entry = entry.ok_or_else(not_found)?;
+        let code = match &entry.code {
+            Some(code) => code.clone(),
+            None => self
+                .store
+                .bundle(&entry.change.checksum)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("bundle {} missing", entry.change.checksum))
+                })?,
+        };
+        Ok(Bundle {
+            version: entry.change.version.clone(),
+            checksum: entry.change.checksum.clone(),
+            code,
+        })
+    }
+
+    /// The latest version of every live worker passing `filter`.
+    pub fn list(&self, filter: &WorkerFilter) -> Listing {
+        let state = self.hub.read();
+        Listing {
+            epoch: state.epoch().clone(),
+            head: state.head(),
+            workers: state
+                .snapshot(filter)
+                .iter()
+                .map(|e| e.summary(state.epoch()))
+                .collect(),
+        }
+    }
+
+    /// Records a consumer's registration.
+    pub async fn register(
+        &self,
+        consumer_id: ConsumerId,
+        endpoint: String,
+        labels: BTreeMap<String, String>,
+        transport: &str,
+    ) -> Result<(), RequestError> {
+        let record = {
+            let mut registry = lock(&self.registry);
+            let now = now_ms();
+            let record = registry
+                .entry(consumer_id.clone())
+                .or_insert_with(|| new_record(consumer_id, now));
+            record.endpoint = endpoint;
+            record.labels = labels;
+            record.transport = transport.to_owned();
+            record.last_seen_ms = now;
+            record.clone()
+        };
+        self.store.save_consumer(&record).await?;
+        Ok(())
+    }
+
+    /// Records an acknowledgement.
+    pub async fn ack(&self, ack: Ack, transport: &str) -> Result<(), RequestError> {
+        let record = {
+            let mut registry = lock(&self.registry);
+            let now = now_ms();
+            let record = registry
+                .entry(ack.consumer_id.clone())
+                .or_insert_with(|| new_record(ack.consumer_id.clone(), now));
+            record.transport = transport.to_owned();
+            record.last_seen_ms = now;
+            if ack.applied {
+                record.last_acked_revision = record.last_acked_revision.max(ack.revision);
+            }
+            record.clone()
+        };
+        let outcome = if ack.applied { "applied" } else { "failed" };
+        metrics::counter!("workerpush_acks_total", "outcome" => outcome).increment(1);
+        if !ack.applied {
+            tracing::warn!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, error = %ack.error, "consumer could not apply");
+        }
+        self.store.save_consumer(&record).await?;
+        Ok(())
+    }
+
+    /// Every consumer the registry knows.
+    pub fn consumers(&self) -> Vec<ConsumerRecord> {
+        let mut all: Vec<_> = lock(&self.registry).values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// The follower: the only writer of the hub.
+    async fn follow(self: Arc<Self>) {
+        let mut hint = self.store.head_hint();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            hint.borrow_and_update();
+            match self.catch_up().await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    self.set_store_healthy(true, None);
+                    backoff = Duration::from_millis(50);
+                    tokio::select! {
+                        _ = hint.changed() => {}
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        () = self.shutdown.cancelled() => return,
+                    }
+                }
+                Err(error) => {
+                    self.set_store_healthy(false, Some(&error));
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Reads one batch of durable changes into the hub. `Ok(true)`: there may be more.
+    async fn catch_up(&self) -> Result<bool, StoreError> {
+        let (epoch, head) = {
+            let state = self.hub.read();
+            (state.epoch().clone(), state.head())
+        };
+        match self.store.changes_after(head, 1024).await? {
+            Tail::Changes {
+                epoch: store_epoch,
+                changes,
+            } if store_epoch == epoch => {
+                if changes.is_empty() {
+                    return Ok(false);
+                }
+                let mut entries = Vec::with_capacity(changes.len());
+                for change in changes {
+                    entries.push(Arc::new(self.entry(change, &epoch).await?));
+                }
+                if !self.hub.append(entries) {
+                    return Err(StoreError::Corrupt(
+                        "store returned changes that do not follow the head".to_owned(),
+                    ));
+                }
+                Ok(true)
+            }
+            _ => {
+                let recovered = self.store.load().await?;
+                tracing::warn!(
+                    old_epoch = %epoch, epoch = %recovered.epoch, head = recovered.head,
+                    "store history moved past this core; reloading (subscribers start over)"
+                );
+                self.install(
+                    recovered.epoch,
+                    recovered.head,
+                    recovered.latest,
+                    recovered.tail,
+                )
+                .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn install(
+        &self,
+        epoch: Epoch,
+        head: Revision,
+        latest: Vec<Change>,
+        tail: Vec<Change>,
+    ) -> Result<(), StoreError> {
+        let mut by_revision: HashMap<Revision, Arc<Entry>> = HashMap::new();
+        let mut latest_entries = Vec::with_capacity(latest.len());
+        for change in latest {
+            let entry = Arc::new(self.entry(change, &epoch).await?);
+            by_revision.insert(entry.change.revision, entry.clone());
+            latest_entries.push(entry);
+        }
+        let mut tail_entries = Vec::with_capacity(tail.len());
+        for change in tail {
+            let entry = match by_revision.get(&change.revision) {
+                Some(entry) => entry.clone(),
+                None => Arc::new(self.entry(change, &epoch).await?),
+            };
+            tail_entries.push(entry);
+        }
+        self.hub.replace(epoch, head, latest_entries, tail_entries);
+        Ok(())
+    }
+
+    /// Encodes a change, loading its code when it travels inline.
+    async fn entry(&self, change: Change, epoch: &Epoch) -> Result<Entry, StoreError> {
+        let code = if change.kind == ChangeKind::Put && change.size <= self.config.inline_max_bytes
+        {
+            let fresh = lock(&self.fresh_code).get(&change.checksum).cloned();
+            match fresh {
+                Some(code) => Some(code),
+                None => Some(self.store.bundle(&change.checksum).await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("bundle {} missing", change.checksum))
+                })?),
+            }
+        } else {
+            None
+        };
+        Ok(Entry::new(change, epoch, code))
+    }
+
+    fn set_store_healthy(&self, healthy: bool, error: Option<&StoreError>) {
+        let was = self.store_healthy.swap(healthy, Ordering::Relaxed);
+        match (was, healthy) {
+            (true, false) => {
+                tracing::error!(error = %error.map(ToString::to_string).unwrap_or_default(), "store unreachable; retrying with backoff")
+            }
+            (false, true) => tracing::info!("store reachable again; caught up"),
+            _ => {}
+        }
+    }
+}
+
+fn new_record(id: ConsumerId, now: i64) -> ConsumerRecord {
+    ConsumerRecord {
+        id,
+        endpoint: String::new(),
+        labels: BTreeMap::new(),
+        transport: String::new(),
+        first_seen_ms: now,
+        last_seen_ms: now,
+        last_acked_revision: 0,
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a single map operation; a panic elsewhere cannot leave
+    // the map half-updated, so a poisoned lock is still consistent.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

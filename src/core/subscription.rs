@@ -1,0 +1,264 @@
+//! A subscription: a cursor into the hub that yields encoded updates in the order the design
+//! promises — replay or RESET + snapshot, then SYNCED, then live changes and progress markers.
+//!
+//! Transports pull with [`Subscription::next`], as fast as their peer reads. Nothing is queued
+//! per subscriber beyond one small batch, so a reader that stalls costs no memory and slows no
+//! one; when it reads again it catches up from the log, or starts over with a RESET if the log
+//! has moved past it.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    hub::{Hub, HubState, Read, marker},
+    now_ms,
+    types::{ConsumerId, Epoch, Revision, WorkerFilter},
+};
+use crate::pb::{EncodedUpdate, UpdateKind};
+
+/// Changes read from the hub per lock; also the most a subscription holds in memory.
+const BATCH: usize = 256;
+
+/// Why a subscription ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Ended {
+    /// The core is shutting down: reconnect, maybe elsewhere, and resume.
+    #[error("server shutting down")]
+    ShuttingDown,
+}
+
+/// How a subscription started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Replay from the client's revision.
+    Replay,
+    /// RESET and a snapshot.
+    Reset,
+}
+
+/// What the core shows of a live subscription (admin, propagation).
+#[derive(Debug)]
+pub struct SubscriberInfo {
+    /// Unique per subscription within this process.
+    pub id: u64,
+    /// The consumer, suffix included.
+    pub consumer_id: ConsumerId,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// The peer's address, if known.
+    pub remote: Option<std::net::SocketAddr>,
+    /// The filter it asked for.
+    pub filter: WorkerFilter,
+    /// Unix ms when it started.
+    pub since_ms: i64,
+    /// The highest revision handed to the transport.
+    pub delivered: AtomicU64,
+}
+
+/// A subscription's cursor; see the module docs.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    head_rx: watch::Receiver<Revision>,
+    shutdown: CancellationToken,
+    filter: WorkerFilter,
+    epoch: Epoch,
+    cursor: Revision,
+    sync_target: Option<Revision>,
+    progress_due: Option<Instant>,
+    progress_interval: Duration,
+    pending: VecDeque<(Revision, EncodedUpdate)>,
+    start: Start,
+    info: Arc<SubscriberInfo>,
+    on_drop: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl Subscription {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+        filter: WorkerFilter,
+        resume: Option<(String, Revision)>,
+        progress_interval: Duration,
+        info: Arc<SubscriberInfo>,
+        on_drop: Box<dyn FnOnce(u64) + Send + Sync>,
+    ) -> Self {
+        let mut head_rx = hub.watch_head();
+        head_rx.borrow_and_update();
+        let mut subscription = {
+            let hub_for_read = hub.clone();
+            let state = hub_for_read.read();
+            let mut subscription = Self {
+                hub: hub.clone(),
+                head_rx,
+                shutdown,
+                filter,
+                epoch: state.epoch().clone(),
+                cursor: 0,
+                sync_target: None,
+                progress_due: None,
+                progress_interval,
+                pending: VecDeque::new(),
+                start: Start::Reset,
+                info,
+                on_drop: Some(on_drop),
+            };
+            match resume {
+                Some((epoch, revision)) if state.can_resume(&epoch, revision) => {
+                    subscription.cursor = revision;
+                    subscription.sync_target = Some(state.head());
+                    subscription.start = Start::Replay;
+                }
+                _ => subscription.reset(&state),
+            }
+            subscription
+        };
+        subscription.fill_replay_if_done();
+        subscription
+    }
+
+    /// How it started.
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    /// What the core shows of it.
+    pub fn info(&self) -> &Arc<SubscriberInfo> {
+        &self.info
+    }
+
+    /// The next update to send. Waits for one; ends only when the core shuts down.
+    pub async fn next(&mut self) -> Result<EncodedUpdate, Ended> {
+        loop {
+            if let Some((revision, update)) = self.pending.pop_front() {
+                self.info.delivered.fetch_max(revision, Ordering::Relaxed);
+                return Ok(update);
+            }
+            if self.shutdown.is_cancelled() {
+                return Err(Ended::ShuttingDown);
+            }
+            if self.refill() {
+                continue;
+            }
+            self.wait().await?;
+        }
+    }
+
+    /// Takes an update if one is ready now, without waiting (batching writers).
+    pub fn try_next(&mut self) -> Option<EncodedUpdate> {
+        if self.pending.is_empty() && !self.shutdown.is_cancelled() {
+            self.refill();
+        }
+        let (revision, update) = self.pending.pop_front()?;
+        self.info.delivered.fetch_max(revision, Ordering::Relaxed);
+        Some(update)
+    }
+
+    /// Reads what follows the cursor into `pending`. Returns whether there is something to
+    /// send; `false` means caught up with nothing due.
+    fn refill(&mut self) -> bool {
+        loop {
+            self.head_rx.borrow_and_update();
+            let hub = self.hub.clone();
+            let state = hub.read();
+            let until = self.sync_target.unwrap_or(u64::MAX);
+            let entries = match state.read_after(&self.epoch, self.cursor, until, BATCH) {
+                Read::OtherEpoch | Read::Gone => {
+                    metrics::counter!("workerpush_resyncs_total", "reason" => "lagged")
+                        .increment(1);
+                    self.reset(&state);
+                    return true;
+                }
+                Read::Entries(entries) => entries,
+            };
+            drop(state);
+            let read_any = !entries.is_empty();
+            for entry in entries {
+                self.cursor = entry.change.revision;
+                if self.filter.matches(&entry.change.worker) {
+                    self.pending
+                        .push_back((entry.change.revision, entry.encoded.clone()));
+                    self.progress_due = None;
+                } else if self.progress_due.is_none() {
+                    self.progress_due = Some(Instant::now() + self.progress_interval);
+                }
+            }
+            self.fill_replay_if_done();
+            if !self.pending.is_empty() {
+                return true;
+            }
+            if read_any {
+                continue;
+            }
+            if self.progress_due.is_some_and(|due| due <= Instant::now()) {
+                self.push_synced(self.cursor);
+                return true;
+            }
+            return false;
+        }
+    }
+
+    async fn wait(&mut self) -> Result<(), Ended> {
+        let progress = async {
+            match self.progress_due {
+                Some(due) => tokio::time::sleep_until(due.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = self.head_rx.changed() => changed.map_err(|_| Ended::ShuttingDown),
+            () = progress => Ok(()),
+            () = self.shutdown.cancelled() => Err(Ended::ShuttingDown),
+        }
+    }
+
+    /// After a replay reaches the head it started from: SYNCED with that head.
+    fn fill_replay_if_done(&mut self) {
+        if let Some(target) = self.sync_target {
+            if self.cursor >= target {
+                self.sync_target = None;
+                self.push_synced(target);
+            }
+        }
+    }
+
+    fn push_synced(&mut self, revision: Revision) {
+        self.progress_due = None;
+        self.pending.push_back((
+            revision,
+            marker(UpdateKind::Synced, revision, &self.epoch, now_ms()),
+        ));
+    }
+
+    /// RESET, the snapshot at the current head, SYNCED; the cursor moves to that head.
+    fn reset(&mut self, state: &HubState) {
+        self.epoch = state.epoch().clone();
+        self.pending.clear();
+        self.pending
+            .push_back((0, marker(UpdateKind::Reset, 0, &self.epoch, now_ms())));
+        for entry in state.snapshot(&self.filter) {
+            self.pending
+                .push_back((entry.change.revision, entry.encoded.clone()));
+        }
+        self.cursor = state.head();
+        self.sync_target = None;
+        self.push_synced(self.cursor);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop(self.info.id);
+        }
+    }
+}

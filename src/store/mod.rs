@@ -1,0 +1,188 @@
+//! Durable state behind the core: the one revision order, the latest version of every worker,
+//! a retained log of recent changes, bundles by checksum, the epoch and the consumer registry.
+//!
+//! [`Store`] is the only way the core touches durable state. Implementations: [`MemoryStore`]
+//! (tests), [`FileStore`] (embedded, the default) and [`RedisStore`] (several cores as one).
+//! The immutability rules live in one place per engine: [`StateMachine`] for the in-process
+//! stores, a Lua script for Redis; the conformance suite holds them all to the same behaviour.
+//!
+//! Depends on `core::types` only; knows nothing of transports.
+
+mod memory;
+mod state;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use memory::MemoryStore;
+pub use state::StateMachine;
+
+use crate::core::types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerName};
+
+/// What an accepted change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// A version became the worker's latest.
+    Put,
+    /// The worker was removed; `version` is the version it removed.
+    Delete,
+}
+
+/// One accepted, durable change: the unit of the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its place in the global order.
+    pub revision: Revision,
+    /// Put or delete.
+    pub kind: ChangeKind,
+    /// The worker.
+    pub worker: WorkerName,
+    /// The version put, or the version a delete removed.
+    pub version: Version,
+    /// Checksum of that version's code.
+    pub checksum: Checksum,
+    /// Size of that version's code in bytes.
+    pub size: u64,
+    /// Unix milliseconds when the core accepted it.
+    pub timestamp_ms: i64,
+}
+
+/// A change asked of the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proposal {
+    /// Make `version` (whose bundle is already stored) the worker's latest.
+    Put {
+        /// The worker.
+        worker: WorkerName,
+        /// The version.
+        version: Version,
+        /// Checksum of the code, already verified.
+        checksum: Checksum,
+        /// Size of the code.
+        size: u64,
+    },
+    /// Remove the worker.
+    Delete {
+        /// The worker.
+        worker: WorkerName,
+    },
+}
+
+/// What the store did with a [`Proposal`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new durable change with the next revision.
+    Committed(Change),
+    /// The same version with the same code is already the worker's latest: nothing changed;
+    /// this is the change that made it latest.
+    Unchanged(Change),
+    /// The version was published before with other code.
+    Conflict {
+        /// The checksum it has.
+        existing: Checksum,
+    },
+    /// Delete of a worker with no live version.
+    NotFound,
+}
+
+/// The durable state as a whole, read at start-up or after losing track.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// The revision of the last change (0 if none).
+    pub head: Revision,
+    /// The put that made each live worker's latest version, in ascending revision.
+    pub latest: Vec<Change>,
+    /// The retained log: contiguous revisions ending at `head`, ascending.
+    pub tail: Vec<Change>,
+}
+
+/// Changes after a revision, read from durable state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tail {
+    /// Up to the asked number of changes, contiguous from `after + 1`, all in `epoch`.
+    Changes {
+        /// The store's epoch.
+        epoch: Epoch,
+        /// The changes, ascending (empty when `after` is the head).
+        changes: Vec<Change>,
+    },
+    /// `after + 1` is no longer retained, or `after` is beyond the head: reload the state.
+    Gone {
+        /// The store's epoch.
+        epoch: Epoch,
+    },
+}
+
+/// A consumer as the registry remembers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerRecord {
+    /// The full consumer id.
+    pub id: ConsumerId,
+    /// What it said in `RegisterConsumer` (empty if it never registered).
+    pub endpoint: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// `grpc` or `quic`: the transport it was last seen on.
+    pub transport: String,
+    /// Unix ms, first seen.
+    pub first_seen_ms: i64,
+    /// Unix ms, last seen (registration, subscription or ack).
+    pub last_seen_ms: i64,
+    /// The highest revision it acknowledged as applied.
+    pub last_acked_revision: Revision,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Temporarily out of reach (Redis down, store failed and fenced): nothing was changed,
+    /// or the change is not durable and will not be seen.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The durable state does not decode or breaks an invariant.
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Durable state. Every method is safe to call concurrently; `apply` calls are serialised
+/// into one revision order by the store (and, for Redis, across every core).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads the whole durable state (creating an empty one with a fresh epoch if none).
+    async fn load(&self) -> Result<Recovered, StoreError>;
+
+    /// Stores a bundle under its checksum, durably; idempotent. Called before the change
+    /// that refers to it is proposed.
+    async fn put_bundle(&self, checksum: &Checksum, code: Bytes) -> Result<(), StoreError>;
+
+    /// A stored bundle.
+    async fn bundle(&self, checksum: &Checksum) -> Result<Option<Bytes>, StoreError>;
+
+    /// Decides and, if it is a change, durably commits `proposal` with the next revision. The
+    /// change is visible to [`Store::changes_after`] only once durable.
+    async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError>;
+
+    /// Up to `limit` durable changes after `after`.
+    async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError>;
+
+    /// A hint of the newest head this store knows of: it changes when a change may have been
+    /// committed (here or, for a shared store, by another core). A missed hint costs latency,
+    /// never a change: the core also polls.
+    fn head_hint(&self) -> watch::Receiver<Revision>;
+
+    /// Creates or updates a consumer's registry entry.
+    async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError>;
+
+    /// Every consumer the registry knows.
+    async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError>;
+}
