@@ -8,6 +8,7 @@
 //!
 //! Depends on `core::types` only; knows nothing of transports.
 
+pub mod conformance;
 mod memory;
 mod state;
 
@@ -185,4 +186,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every consumer the registry knows.
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn memory_store_passes_the_conformance_suite() {
+        super::conformance::run_all(|| async { super::MemoryStore::new(1000) }).await;
+    }
 }
