@@ -5,8 +5,13 @@
 //!   publishing, the consumer registry. No transport code.
 //! - [`store`]: durable state behind one trait — memory, embedded files, Redis.
 //! - [`pb`]: the wire contract generated from `proto/control_plane.proto`.
+//! - [`tls`]: every rustls/rcgen piece: dev PKI, server and client configs, the one client
+//!   verifier and identity extractor shared by gRPC and QUIC.
+//! - [`grpc`]: the mutual-TLS gRPC server over the core.
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod grpc;
 pub mod pb;
 pub mod store;
+pub mod tls;
