@@ -1,1 +1,91 @@
-fn main() {}
+//! The `workerpush` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use workerpush::{
+    app,
+    config::{Cli, Command},
+    tls, watch,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tls::install_crypto_provider();
+    if let Command::Certs(args) = &cli.command {
+        return certs(args);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("workerpush: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        let result = match cli.command {
+            Command::Serve(args) => app::serve(args, shutdown).await,
+            Command::Core(args) => app::core(args, shutdown).await,
+            Command::Upload(args) => app::upload(args, shutdown).await,
+            Command::Watch(args) => {
+                return match watch::run(args, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("workerpush watch: {error}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            Command::Certs(_) => return ExitCode::SUCCESS,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("workerpush: {error}");
+                ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
+            }
+        }
+    })
+}
+
+fn certs(args: &workerpush::config::CertsArgs) -> ExitCode {
+    let request = tls::PkiRequest {
+        out: args.out.clone(),
+        clients: args.clients.clone(),
+        sans: args.sans.clone(),
+        force: args.force,
+    };
+    match tls::generate(&request) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("workerpush certs: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,167 @@
+//! The gRPC session: tonic over our own rustls connector (so client TLS settings, session
+//! resumption and the AES-128 preference are ours, not tonic's).
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{ClientError, Session, Transport, UpdateStream};
+use crate::pb::{
+    AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
+    RegisterResponse, SubscribeRequest, control_plane_client::ControlPlaneClient,
+};
+
+/// Connects to a gRPC endpoint with mutual TLS.
+#[derive(Clone)]
+pub struct GrpcTransport {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl GrpcTransport {
+    /// `addr` is `host:port`; the host is also the name checked against the server
+    /// certificate. `tls` comes from [`crate::tls::client_config`] with the gRPC purpose.
+    pub fn new(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+        let host = host_of(addr)?;
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|e| ClientError::Config(format!("server name {host:?}: {e}")))?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            server_name,
+            tls,
+        })
+    }
+}
+
+/// The host part of `host:port` (brackets stripped from IPv6).
+pub(crate) fn host_of(addr: &str) -> Result<&str, ClientError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| ClientError::Config(format!("address {addr:?} is not host:port")))?;
+    port.parse::<u16>()
+        .map_err(|_| ClientError::Config(format!("address {addr:?} has no valid port")))?;
+    Ok(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
+fn status(status: tonic::Status) -> ClientError {
+    ClientError::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+#[async_trait]
+impl Transport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Session>, ClientError> {
+        let connector = TlsConnector::from(self.tls.clone());
+        let server_name = self.server_name.clone();
+        let addr = self.addr.clone();
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                let server_name = server_name.clone();
+                let addr = addr.clone();
+                async move {
+                    let tcp = TcpStream::connect(&addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(server_name, tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Transport(format!("connect {}: {e:?}", self.addr)))?;
+        Ok(Box::new(GrpcSession {
+            client: ControlPlaneClient::new(channel),
+        }))
+    }
+}
+
+struct GrpcSession {
+    client: ControlPlaneClient<Channel>,
+}
+
+#[async_trait]
+impl Session for GrpcSession {
+    async fn subscribe(&self, request: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+        let stream = self
+            .client
+            .clone()
+            .subscribe_worker_updates(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok(Box::pin(stream.map(|item| item.map_err(status))))
+    }
+
+    async fn fetch(&self, request: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+        let mut stream = self
+            .client
+            .clone()
+            .fetch_worker(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut checksum = String::new();
+        let mut code = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(status)?;
+            if chunk.offset == 0 {
+                checksum = chunk.checksum;
+                code.reserve(usize::try_from(chunk.size).unwrap_or(0).min(64 << 20));
+            }
+            if usize::try_from(chunk.offset).ok() != Some(code.len()) {
+                return Err(ClientError::Verification(format!(
+                    "chunk at offset {} after {} bytes",
+                    chunk.offset,
+                    code.len()
+                )));
+            }
+            code.extend_from_slice(&chunk.data);
+        }
+        Ok((checksum, code.freeze()))
+    }
+
+    async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+        self.client.clone().ack_update(request).await.map_err(status)?;
+        Ok(())
+    }
+
+    async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .register_consumer(request)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    async fn list(&self, request: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .list_workers(request)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+}

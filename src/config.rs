@@ -1,0 +1,231 @@
+//! The one typed configuration tree: every flag with its environment variable and default,
+//! parsed and validated before anything binds.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// workerpush: push worker code to every edge host, verified, over mTLS gRPC or QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "workerpush", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The roles and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Core and upload server in one process. `--dev` makes dev certificates and secrets.
+    Serve(ServeArgs),
+    /// The core alone: gRPC, QUIC, and the hook + admin HTTP port.
+    Core(CoreArgs),
+    /// The upload server alone: forwards signed changes to the core's hook.
+    Upload(UploadArgs),
+    /// A consumer: keeps the current code of each worker under `--out`.
+    Watch(WatchArgs),
+    /// Makes (or extends) the dev PKI: CA, server certificate, client certificates.
+    Certs(CertsArgs),
+}
+
+/// `workerpush serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Make dev certificates (client `consumer-1`) and `certs/dev-secrets.env` if missing.
+    #[arg(long)]
+    pub dev: bool,
+    /// Core settings.
+    #[command(flatten)]
+    pub core: CoreArgs,
+    /// Port of the upload server.
+    #[arg(long, env = "UPLOAD_PORT", default_value_t = 8080)]
+    pub upload_port: u16,
+    /// Bearer token deployers present to the upload server.
+    #[arg(long, env = "UPLOAD_TOKEN", hide_env_values = true)]
+    pub upload_token: Option<String>,
+    /// Largest worker file accepted by the upload server, in bytes.
+    #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
+    pub max_upload_bytes: u64,
+}
+
+/// `workerpush core` (and the core half of `serve`).
+#[derive(Debug, Args, Clone)]
+pub struct CoreArgs {
+    /// Common server settings.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// gRPC (HTTP/2 + mTLS) port.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 50051)]
+    pub grpc_port: u16,
+    /// QUIC (UDP + mTLS) port.
+    #[arg(long, env = "QUIC_PORT", default_value_t = 50052)]
+    pub quic_port: u16,
+    /// Hook and admin HTTP port.
+    #[arg(long, env = "HTTP_PORT", default_value_t = 8082)]
+    pub http_port: u16,
+    /// Bearer token of the admin endpoints (defaults to the upload token).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Embedded store directory (ignored with `--redis-url`).
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Redis URL: several cores share it as one.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several deployments or tests can share one Redis).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "workerpush")]
+    pub redis_key_prefix: String,
+    /// Concurrent gRPC streams (subscriptions and fetches) this core serves.
+    #[arg(long, env = "GRPC_MAX_STREAMS", default_value_t = 1000)]
+    pub grpc_max_streams: usize,
+    /// Code up to this many bytes travels inside updates; larger code is fetched.
+    #[arg(long, env = "INLINE_CODE_MAX_BYTES", default_value_t = 1 << 20)]
+    pub inline_code_max_bytes: u64,
+    /// Changes kept for resume.
+    #[arg(long, env = "RETAIN_CHANGES", default_value_t = 10_000)]
+    pub retain_changes: usize,
+    /// Largest worker code the core accepts, in bytes.
+    #[arg(long, env = "MAX_CODE_BYTES", default_value_t = 10 << 20)]
+    pub max_code_bytes: u64,
+}
+
+/// Settings every server role takes.
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// Address to bind every listener to.
+    #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+    /// Directory of `ca.pem`, `server.pem`, `server-key.pem` (and `clients/`).
+    #[arg(long, env = "CERTS_DIR", default_value = "./certs")]
+    pub certs_dir: PathBuf,
+    /// Shared secret of the hook signatures.
+    #[arg(long, env = "HOOK_SECRET", hide_env_values = true)]
+    pub hook_secret: Option<String>,
+    /// How long a shutdown may take before remaining work is cut off.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+}
+
+/// `workerpush upload`.
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Common server settings.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Port of the upload server.
+    #[arg(long, env = "UPLOAD_PORT", default_value_t = 8080)]
+    pub upload_port: u16,
+    /// Bearer token deployers present.
+    #[arg(long, env = "UPLOAD_TOKEN", hide_env_values = true)]
+    pub upload_token: Option<String>,
+    /// Where the core's hook listens.
+    #[arg(long, env = "GRPC_SERVER_URL", default_value = "http://127.0.0.1:8082")]
+    pub grpc_server_url: String,
+    /// Largest worker file accepted, in bytes.
+    #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
+    pub max_upload_bytes: u64,
+}
+
+/// Which transport a consumer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportKind {
+    /// HTTP/2 gRPC over TCP.
+    Grpc,
+    /// Our ALPN over QUIC (UDP).
+    Quic,
+}
+
+/// `workerpush watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Transport.
+    #[arg(long, env = "WATCH_TRANSPORT", value_enum, default_value_t = TransportKind::Grpc)]
+    pub transport: TransportKind,
+    /// Server `host:port` (the host must be in the server certificate).
+    #[arg(long, env = "WATCH_ADDR", default_value = "localhost:50051")]
+    pub addr: String,
+    /// CA certificate that signed the server.
+    #[arg(long, env = "WATCH_CA", default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// Client certificate.
+    #[arg(long, env = "WATCH_CERT", default_value = "certs/clients/consumer-1.pem")]
+    pub cert: PathBuf,
+    /// Client key.
+    #[arg(long, env = "WATCH_KEY", default_value = "certs/clients/consumer-1-key.pem")]
+    pub key: PathBuf,
+    /// Consumer id (empty: the certificate identity; or `identity/suffix`).
+    #[arg(long, env = "CONSUMER_ID", default_value = "")]
+    pub consumer_id: String,
+    /// Workers to follow, comma-separated (empty: all).
+    #[arg(long, env = "WATCH_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+    /// Directory holding `<worker>/<version>/worker.js` and the resume position.
+    #[arg(long, env = "WATCH_OUT", default_value = "./workers")]
+    pub out: PathBuf,
+    /// One JSON object per event instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `workerpush certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Output directory.
+    #[arg(long, env = "CERTS_DIR", default_value = "./certs")]
+    pub out: PathBuf,
+    /// A client certificate to make (repeatable).
+    #[arg(long = "client")]
+    pub clients: Vec<String>,
+    /// An extra server name or IP for the server certificate (repeatable).
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+    /// Replace an existing CA (and everything it signed).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h` (or plain seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&seconds) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,166 @@
+//! Accepts TCP connections and completes the mutual-TLS handshake before tonic sees them, so
+//! that every connection carries its verified identity ([`PeerInfo`]) and slow or hostile
+//! handshakes are bounded in time and number.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::tls;
+
+/// Who is at the other end of a connection, verified by the handshake.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// The certificate identity (SPIFFE consumer id or CN).
+    pub identity: Arc<str>,
+}
+
+/// A TLS connection with its peer's identity, as tonic's incoming stream wants it.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Bounds on handshakes.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeLimits {
+    /// A handshake not done within this is dropped.
+    pub timeout: Duration,
+    /// At most this many handshakes at once; more connections wait in the backlog.
+    pub concurrent: usize,
+}
+
+/// Accepts on `listener` until `shutdown`, yielding verified connections.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    limits: HandshakeLimits,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+    let (tx, rx) = mpsc::channel(limits.concurrent.max(1));
+    let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(limits.concurrent.max(1)));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "grpc accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        metrics::counter!("workerpush_handshake_failures_total", "transport" => "grpc").increment(1);
+                        tracing::debug!(%remote, %error, "grpc handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("workerpush_handshake_failures_total", "transport" => "grpc").increment(1);
+                        tracing::debug!(%remote, "grpc handshake timed out");
+                        return;
+                    }
+                };
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(tls::identity_of);
+                let identity = match identity {
+                    Some(Ok(identity)) => identity,
+                    other => {
+                        tracing::debug!(%remote, ?other, "grpc client certificate has no identity");
+                        return;
+                    }
+                };
+                let peer = PeerInfo {
+                    remote,
+                    identity: identity.into(),
+                };
+                let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
