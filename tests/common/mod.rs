@@ -1,0 +1,286 @@
+//! Test harness: runs the real `workerpush` binary on port 0 in a temp dir, learns the bound
+//! addresses from what it prints, and waits for readiness (never sleeps). Helpers to sign hook
+//! requests and to connect real mTLS clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use workerpush::{
+    client::{GrpcTransport, Session, Transport},
+    tls::{self, ClientTlsPurpose},
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_workerpush");
+
+/// A running `workerpush` process.
+pub struct TestServer {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub addrs: HashMap<String, SocketAddr>,
+    pub output: Arc<Mutex<Vec<String>>>,
+    args: Vec<String>,
+}
+
+impl TestServer {
+    /// `workerpush serve --dev` with every port 0, data and certs under `dir`.
+    pub fn serve_dev(dir: &Path, extra: &[&str]) -> Self {
+        let mut args = vec!["serve", "--dev"];
+        args.extend(common_ports());
+        args.push("--upload-port");
+        args.push("0");
+        args.extend(extra);
+        Self::start(dir, &args, &[])
+    }
+
+    /// Starts the binary with `args` (plus `--data-dir`/`--certs-dir` under `dir`) and `env`.
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let role = all[0].clone();
+        if role == "serve" || role == "core" {
+            all.push("--data-dir".into());
+            all.push(dir.join("data").display().to_string());
+        }
+        all.push("--certs-dir".into());
+        all.push(dir.join("certs").display().to_string());
+        let mut command = Command::new(BIN);
+        command
+            .args(&all)
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn workerpush");
+        let stdout = child.stdout.take().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    output.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut addrs = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("workerpush: ") {
+                        if rest == "ready" {
+                            break;
+                        }
+                        if let Some((name, tail)) = rest.split_once(" listening on ") {
+                            let addr = tail.split_whitespace().next().unwrap();
+                            addrs.insert(name.to_owned(), addr.parse().unwrap());
+                        }
+                    }
+                }
+                Err(_) => {
+                    let status = child.try_wait();
+                    panic!("workerpush {all:?} not ready (status {status:?}); output: {:?}", output.lock().unwrap());
+                }
+            }
+        }
+        Self {
+            child,
+            dir: dir.to_owned(),
+            addrs,
+            output,
+            args: all,
+        }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        *self.addrs.get(name).unwrap_or_else(|| panic!("no {name} address in {:?}", self.addrs))
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// `HOOK_SECRET` and `UPLOAD_TOKEN` from `certs/dev-secrets.env`.
+    pub fn secrets(&self) -> (String, String) {
+        dev_secrets(&self.certs())
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (waiting up to `within`).
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The same command again (same dir), with the ports it had, so clients reconnect.
+    pub fn restart_same_ports(&self) -> Self {
+        let mut args: Vec<String> = Vec::new();
+        let mut iter = self.args.iter();
+        while let Some(arg) = iter.next() {
+            let port_of = |name: &str| self.addrs.get(name).map(|a| a.port().to_string());
+            let replaced = match arg.as_str() {
+                "--grpc-port" => port_of("grpc"),
+                "--quic-port" => port_of("quic"),
+                "--http-port" => port_of("http"),
+                "--upload-port" => port_of("upload"),
+                _ => None,
+            };
+            args.push(arg.clone());
+            if let Some(port) = replaced {
+                iter.next();
+                args.push(port);
+            }
+        }
+        // `start` appends the dirs again; drop them here.
+        let cut = args.iter().position(|a| a == "--data-dir" || a == "--certs-dir").unwrap_or(args.len());
+        args.truncate(cut);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(&self.dir, &refs, &[])
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn common_ports() -> [&'static str; 8] {
+    ["--bind", "127.0.0.1", "--grpc-port", "0", "--quic-port", "0", "--http-port", "0"]
+}
+
+pub fn dev_secrets(certs: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(certs.join("dev-secrets.env")).unwrap();
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .unwrap()
+            .to_owned()
+    };
+    (get("HOOK_SECRET"), get("UPLOAD_TOKEN"))
+}
+
+/// A multipart body with `fields` (name, filename, bytes) and its boundary.
+pub fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = format!("workerpush-test-{:016x}", rand::random::<u64>());
+    let mut body = Vec::new();
+    for (name, filename, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            ),
+            None => body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes()),
+        }
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (boundary, body)
+}
+
+pub fn http_client() -> reqwest::Client {
+    tls::install_crypto_provider();
+    reqwest::Client::builder().build().unwrap()
+}
+
+/// Publishes through the core's signed hook; returns (status, JSON body).
+pub async fn hook_put(
+    http: SocketAddr,
+    secret: &str,
+    worker: &str,
+    version: &str,
+    code: &[u8],
+) -> (u16, serde_json::Value) {
+    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
+    let (boundary, body) = multipart(&[("metadata", None, metadata.as_bytes()), ("worker_code", Some("worker.js"), code)]);
+    signed_post(http, secret, &boundary, body).await
+}
+
+/// Deletes through the core's signed hook.
+pub async fn hook_delete(http: SocketAddr, secret: &str, worker: &str) -> (u16, serde_json::Value) {
+    let metadata = serde_json::json!({"worker_name": worker, "action": "delete"}).to_string();
+    let (boundary, body) = multipart(&[("metadata", None, metadata.as_bytes())]);
+    signed_post(http, secret, &boundary, body).await
+}
+
+pub async fn signed_post(http: SocketAddr, secret: &str, boundary: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let timestamp = workerpush::core::now_ms() / 1000;
+    let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
+    let response = http_client()
+        .post(format!("http://{http}/internal/broadcast"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header("x-workerpush-timestamp", timestamp.to_string())
+        .header("x-workerpush-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// A gRPC session as client `name` (from `certs/clients/`).
+pub async fn grpc_session(certs: &Path, grpc: SocketAddr, name: &str) -> Box<dyn Session> {
+    grpc_transport(certs, grpc, name).connect().await.unwrap()
+}
+
+pub fn grpc_transport(certs: &Path, grpc: SocketAddr, name: &str) -> GrpcTransport {
+    tls::install_crypto_provider();
+    let config = tls::client_config(
+        &certs.join("ca.pem"),
+        &certs.join(format!("clients/{name}.pem")),
+        &certs.join(format!("clients/{name}-key.pem")),
+        ClientTlsPurpose::Grpc,
+    )
+    .unwrap();
+    GrpcTransport::new(&format!("localhost:{}", grpc.port()), config).unwrap()
+}
+
+pub fn sha256(code: &[u8]) -> String {
+    workerpush::core::Checksum::of(code).to_string()
+}
+
+pub fn bytes(text: &str) -> Bytes {
+    Bytes::from(text.to_owned())
+}
+
+/// Waits until `check` holds, polling every 20 ms, up to `within`.
+pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
