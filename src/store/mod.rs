@@ -9,6 +9,7 @@
 //! Depends on `core::types` only; knows nothing of transports.
 
 pub mod conformance;
+mod file;
 mod memory;
 mod state;
 
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use file::{FileStore, FileStoreConfig};
 pub use memory::MemoryStore;
 pub use state::StateMachine;
 

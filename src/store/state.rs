@@ -56,17 +56,17 @@ impl StateMachine {
                 checksum,
                 size,
             } => {
-                if let Some(existing) = self.versions.get(&(worker.clone(), version.clone())) {
-                    if existing != checksum {
-                        return Outcome::Conflict {
-                            existing: existing.clone(),
-                        };
-                    }
+                if let Some(existing) = self.versions.get(&(worker.clone(), version.clone()))
+                    && existing != checksum
+                {
+                    return Outcome::Conflict {
+                        existing: existing.clone(),
+                    };
                 }
-                if let Some(latest) = self.latest.get(worker) {
-                    if &latest.version == version {
-                        return Outcome::Unchanged(latest.clone());
-                    }
+                if let Some(latest) = self.latest.get(worker)
+                    && &latest.version == version
+                {
+                    return Outcome::Unchanged(latest.clone());
                 }
                 Outcome::Committed(Change {
                     revision: self.head + 1,

@@ -1,0 +1,1428 @@
+//! The embedded store (`--data-dir`): the default [`Store`] of a single core. It owns one data
+//! directory and everything in it; the rules of what a change is come from [`StateMachine`],
+//! this module only makes its history durable and recovers it.
+//!
+//! On-disk layout:
+//!
+//! ```text
+//! <dir>/LOCK                 held with an exclusive file lock while a process has the store open
+//! <dir>/epoch                the epoch id (one line), written once when the directory is new
+//! <dir>/log                  append-only change log: one record per group commit
+//! <dir>/snapshot             optional: the whole state at some head, written by compaction
+//! <dir>/consumers.json       the consumer registry, rewritten whole (at most about once a second)
+//! <dir>/bundles/<checksum>   worker code, content-addressed by its lowercase hex SHA-256
+//! ```
+//!
+//! A record (in `log`, and `snapshot` is one record) is `len: u32 LE | crc32(payload): u32 LE |
+//! payload`, the payload JSON: a log record holds the changes of one group commit, contiguous
+//! revisions. Every file other than `log` is written as temp file + fsync + rename + fsync of
+//! the directory, so it is either the old or the new version after a crash.
+//!
+//! Durability: one writer task takes every pending [`Store::apply`], decides each in order,
+//! appends one record, fsyncs once, and only then advances the durable watermark, sends the
+//! head hint and answers. A torn last record (a crash mid-append) is cut off at open; a damaged
+//! record with intact records after it is corruption and refuses to open. If a write or fsync
+//! fails, the store fences itself until restarted, as PostgreSQL does: after a failed fsync the
+//! kernel's view of the file can no longer be trusted.
+//!
+//! Depends on `store` and `core::types` only.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{Notify, mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Change, ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store, StoreError, Tail,
+};
+use crate::core::types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerName};
+
+const LOCK_FILE: &str = "LOCK";
+const EPOCH_FILE: &str = "epoch";
+const LOG_FILE: &str = "log";
+const SNAPSHOT_FILE: &str = "snapshot";
+const CONSUMERS_FILE: &str = "consumers.json";
+const BUNDLES_DIR: &str = "bundles";
+/// Files being written end in this until renamed into place; leftovers are crash debris.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Length and CRC in front of every record.
+const RECORD_HEADER: usize = 8;
+/// A log record holds at most [`MAX_BATCH`] changes of a few hundred bytes each; anything
+/// longer is damage, which keeps the torn-tail scan from trusting a garbage length.
+const MAX_LOG_RECORD: usize = 16 << 20;
+/// Most proposals decided and synced together.
+const MAX_BATCH: usize = 1024;
+/// Version of the snapshot payload.
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Tunables of a [`FileStore`].
+#[derive(Clone, Debug)]
+pub struct FileStoreConfig {
+    /// Changes kept in the retained log for resume.
+    pub retain: usize,
+    /// Compact (snapshot + fresh log) once the log holds more changes than this.
+    pub compact_after: usize,
+    /// The consumer registry is written at most this often.
+    pub consumer_flush_interval: Duration,
+}
+
+impl FileStoreConfig {
+    /// Defaults for retaining `retain` changes: compaction after `max(retain, 1000) * 4`
+    /// logged changes, so a snapshot (which carries the retained tail) is a fraction of the
+    /// log it replaces; the registry flushed at most once a second.
+    pub fn new(retain: usize) -> Self {
+        Self {
+            retain,
+            compact_after: retain.max(1000).saturating_mul(4),
+            consumer_flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A [`Store`] in a local data directory; see the module docs for the layout and guarantees.
+///
+/// Dropping it stops its tasks and releases the directory lock shortly after; [`Self::close`]
+/// does the same and waits for it.
+pub struct FileStore {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+    closing: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// What the store's handle, its writer and its registry flusher share.
+struct Shared {
+    dir: PathBuf,
+    view: Mutex<View>,
+    head: watch::Sender<Revision>,
+    /// Why the store stopped accepting work; set once, never cleared.
+    fence: OnceLock<String>,
+    log_syncs: AtomicU64,
+    registry: Mutex<Registry>,
+    registry_changed: Notify,
+    #[cfg(test)]
+    fail_next_sync: std::sync::atomic::AtomicBool,
+}
+
+/// The state machine and how much of it is durable. The writer commits a batch here before
+/// its fsync (the next decision must see it); readers see only up to `durable`.
+struct View {
+    machine: StateMachine,
+    durable: Revision,
+}
+
+struct Registry {
+    records: BTreeMap<ConsumerId, ConsumerRecord>,
+    dirty: bool,
+}
+
+enum Request {
+    Apply {
+        proposal: Proposal,
+        timestamp_ms: i64,
+        reply: oneshot::Sender<Result<Outcome, StoreError>>,
+    },
+    /// A load goes through the writer: between two batches the machine holds exactly the
+    /// durable state, which a `Recovered` (unlike a log read) cannot be cut back to.
+    Load {
+        reply: oneshot::Sender<Result<Recovered, StoreError>>,
+    },
+}
+
+impl Request {
+    fn refuse(self, error: impl Fn() -> StoreError) {
+        // A caller that went away does not need its answer.
+        match self {
+            Request::Apply { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Request::Load { reply } => {
+                let _ = reply.send(Err(error()));
+            }
+        }
+    }
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store in `dir`, retaining the last `retain` changes.
+    pub async fn open(dir: &Path, retain: usize) -> Result<Self, StoreError> {
+        Self::open_with(dir, FileStoreConfig::new(retain)).await
+    }
+
+    /// Opens (creating if needed) the store in `dir` with explicit tunables. Fails with
+    /// [`StoreError::Unavailable`] if another process (or store) has the directory open.
+    pub async fn open_with(dir: &Path, config: FileStoreConfig) -> Result<Self, StoreError> {
+        let dir = dir.to_path_buf();
+        let opened = {
+            let dir = dir.clone();
+            let config = config.clone();
+            blocking(move || recover(&dir, &config)).await??
+        };
+        let head = opened.machine.head();
+        tracing::info!(
+            dir = %dir.display(), epoch = %opened.machine.epoch(), head,
+            logged = opened.log.changes, "file store opened"
+        );
+        let shared = Arc::new(Shared {
+            dir,
+            view: Mutex::new(View {
+                durable: head,
+                machine: opened.machine,
+            }),
+            head: watch::Sender::new(head),
+            fence: OnceLock::new(),
+            log_syncs: AtomicU64::new(0),
+            registry: Mutex::new(Registry {
+                records: opened.consumers,
+                dirty: false,
+            }),
+            registry_changed: Notify::new(),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+        });
+        // Both tasks hold the lock: the directory stays ours until neither can write to it.
+        let lock = Arc::new(opened.lock);
+        let closing = CancellationToken::new();
+        let (requests, receiver) = mpsc::channel(MAX_BATCH);
+        let writer = Writer {
+            shared: shared.clone(),
+            log: Some(opened.log),
+            compact_after: config.compact_after.max(1),
+            _lock: lock.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(writer.run(receiver, closing.clone())),
+            tokio::spawn(flush_registry(
+                shared.clone(),
+                lock,
+                config.consumer_flush_interval,
+                closing.clone(),
+            )),
+        ];
+        Ok(Self {
+            shared,
+            requests,
+            closing,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    /// Stops the store: later calls fail, pending registry changes are written, and the
+    /// directory lock is released when this returns.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "file store task failed");
+            }
+        }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// How many times the change log has been fsynced since open: one per group commit.
+    pub fn log_syncs(&self) -> u64 {
+        self.shared.log_syncs.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.shared.check()?;
+        if self.closing.is_cancelled() {
+            return Err(closed());
+        }
+        Ok(())
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request,
+    ) -> Result<T, StoreError> {
+        self.check()?;
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(make(reply))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    fn bundle_path(&self, checksum: &Checksum) -> Result<PathBuf, StoreError> {
+        // Checksums deserialised from elsewhere skip validation; never let one name a path
+        // outside `bundles/`.
+        let text = checksum.as_str();
+        if text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(self.shared.dir.join(BUNDLES_DIR).join(text))
+        } else {
+            Err(StoreError::Corrupt(format!("not a checksum: {text:?}")))
+        }
+    }
+}
+
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        // The writer and the flusher finish on their own (the flusher writing what is
+        // pending); `close` is the way to wait for that.
+        self.closing.cancel();
+    }
+}
+
+#[async_trait]
+impl Store for FileStore {
+    async fn load(&self) -> Result<Recovered, StoreError> {
+        self.request(|reply| Request::Load { reply }).await
+    }
+
+    async fn put_bundle(&self, checksum: &Checksum, code: Bytes) -> Result<(), StoreError> {
+        self.check()?;
+        let path = self.bundle_path(checksum)?;
+        match blocking(move || write_bundle(&path, &code)).await? {
+            Ok(()) => Ok(()),
+            Err(BundleError::Write(error)) => Err(error.into()),
+            Err(BundleError::Sync(error)) => Err(self
+                .shared
+                .fail(&format!("syncing a bundle failed: {error}"))),
+        }
+    }
+
+    async fn bundle(&self, checksum: &Checksum) -> Result<Option<Bytes>, StoreError> {
+        self.check()?;
+        let path = self.bundle_path(checksum)?;
+        let checksum = checksum.clone();
+        blocking(move || {
+            let code = match fs::read(&path) {
+                Ok(code) => code,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => return Err(error.into()),
+            };
+            // Bit rot here would reach every edge; a content address makes it cheap to catch.
+            if Checksum::of(&code) != checksum {
+                return Err(StoreError::Corrupt(format!(
+                    "bundle {} does not match its checksum",
+                    path.display()
+                )));
+            }
+            Ok(Some(Bytes::from(code)))
+        })
+        .await?
+    }
+
+    async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError> {
+        self.request(|reply| Request::Apply {
+            proposal,
+            timestamp_ms,
+            reply,
+        })
+        .await
+    }
+
+    async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError> {
+        self.check()?;
+        let view = lock(&self.shared.view);
+        Ok(view.machine.changes_after_until(after, limit, view.durable))
+    }
+
+    fn head_hint(&self) -> watch::Receiver<Revision> {
+        self.shared.head.subscribe()
+    }
+
+    async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError> {
+        self.check()?;
+        {
+            let mut registry = lock(&self.shared.registry);
+            registry.records.insert(record.id.clone(), record.clone());
+            registry.dirty = true;
+        }
+        self.shared.registry_changed.notify_one();
+        Ok(())
+    }
+
+    async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
+        self.check()?;
+        Ok(lock(&self.shared.registry)
+            .records
+            .values()
+            .cloned()
+            .collect())
+    }
+}
+
+impl Shared {
+    fn check(&self) -> Result<(), StoreError> {
+        match self.fence.get() {
+            Some(reason) => Err(fenced(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Fences the store (the first reason sticks) and returns the error for the caller.
+    fn fail(&self, reason: &str) -> StoreError {
+        if self.fence.set(reason.to_owned()).is_ok() {
+            tracing::error!(
+                reason,
+                "file store failed; refusing all work until restarted"
+            );
+            metrics::counter!("workerpush_store_failures_total").increment(1);
+        }
+        self.fenced_error()
+    }
+
+    fn fenced_error(&self) -> StoreError {
+        fenced(self.fence.get().map_or("unknown failure", String::as_str))
+    }
+}
+
+fn fenced(reason: &str) -> StoreError {
+    StoreError::Unavailable(format!("store failed: {reason}, restart required"))
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("store closed".to_owned())
+}
+
+/// The single writer of the log: group commit and compaction.
+struct Writer {
+    shared: Arc<Shared>,
+    /// `None` only after a failure took it; the store is fenced by then.
+    log: Option<Log>,
+    compact_after: usize,
+    _lock: Arc<File>,
+}
+
+struct Log {
+    file: File,
+    /// Changes in the current log file (stale ones included), for the compaction trigger.
+    changes: usize,
+}
+
+impl Writer {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>, closing: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = closing.cancelled() => break,
+                request = requests.recv() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            // Everything that queued up during the last fsync goes into this one.
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch).await;
+            self.compact_if_due().await;
+        }
+        requests.close();
+        while let Ok(request) = requests.try_recv() {
+            request.refuse(closed);
+        }
+    }
+
+    async fn commit(&mut self, batch: Vec<Request>) {
+        if let Some(reason) = self.shared.fence.get() {
+            for request in batch {
+                request.refuse(|| fenced(reason));
+            }
+            return;
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut changes = Vec::new();
+        let mut failure = None;
+        {
+            let mut view = lock(&self.shared.view);
+            // Loads first: until this batch commits, the machine is exactly the durable state.
+            let mut applies = Vec::with_capacity(batch.len());
+            for request in batch {
+                match request {
+                    Request::Load { reply } => {
+                        let _ = reply.send(Ok(view.machine.recovered()));
+                    }
+                    Request::Apply {
+                        proposal,
+                        timestamp_ms,
+                        reply,
+                    } => applies.push((proposal, timestamp_ms, reply)),
+                }
+            }
+            for (proposal, timestamp_ms, reply) in applies {
+                // Committed to the machine at once so the next proposal is decided after it.
+                let outcome = view.machine.decide(&proposal, timestamp_ms);
+                if let Outcome::Committed(change) = &outcome {
+                    match view.machine.commit(change.clone()) {
+                        Ok(()) => changes.push(change.clone()),
+                        Err(error) => {
+                            failure.get_or_insert(format!("state machine refused: {error}"));
+                        }
+                    }
+                }
+                answers.push((reply, outcome));
+            }
+        }
+        let written = match (failure, changes.last()) {
+            (Some(reason), _) => Err(reason),
+            (None, Some(last)) => {
+                let last = last.revision;
+                self.append(&changes).await.map(|()| Some(last))
+            }
+            (None, None) => Ok(None),
+        };
+        // Every answer waits for this batch's fsync, not only the commits: an `Unchanged` or
+        // `NotFound` may rest on a change decided just before it in the same batch.
+        match written {
+            Ok(durable) => {
+                if let Some(last) = durable {
+                    lock(&self.shared.view).durable = last;
+                    self.shared.head.send_replace(last);
+                    metrics::histogram!("workerpush_store_group_commit_changes")
+                        .record(changes.len() as f64);
+                }
+                for (reply, outcome) in answers {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(reason) => {
+                // Nothing of this batch may be seen: the watermark stays put and the fence
+                // keeps `load` from reading the machine, which is now ahead of the disk.
+                self.shared.fail(&reason);
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(self.shared.fenced_error()));
+                }
+            }
+        }
+    }
+
+    /// Appends one record holding `changes` and fsyncs it. `Err` says why; the caller fences.
+    async fn append(&mut self, changes: &[Change]) -> Result<(), String> {
+        let payload =
+            serde_json::to_vec(changes).map_err(|e| format!("encoding changes failed: {e}"))?;
+        let record = frame(&payload, MAX_LOG_RECORD)?;
+        let mut log = self
+            .log
+            .take()
+            .ok_or_else(|| "the change log was lost after an earlier failure".to_owned())?;
+        #[cfg(test)]
+        let inject = self.shared.fail_next_sync.swap(false, Ordering::Relaxed);
+        #[cfg(not(test))]
+        let inject = false;
+        let started = Instant::now();
+        let (log, result) = blocking(move || {
+            let result = log.file.write_all(&record).and_then(|()| {
+                if inject {
+                    Err(io::Error::other("injected fsync failure"))
+                } else {
+                    log.file.sync_data()
+                }
+            });
+            (log, result)
+        })
+        .await
+        .map_err(|e| format!("change log writer: {e}"))?;
+        result.map_err(|e| format!("writing the change log failed: {e}"))?;
+        metrics::histogram!("workerpush_store_log_sync_seconds")
+            .record(started.elapsed().as_secs_f64());
+        self.shared.log_syncs.fetch_add(1, Ordering::Relaxed);
+        self.log = Some(Log {
+            changes: log.changes + changes.len(),
+            file: log.file,
+        });
+        Ok(())
+    }
+
+    async fn compact_if_due(&mut self) {
+        let due = self
+            .log
+            .as_ref()
+            .is_some_and(|log| log.changes > self.compact_after);
+        if !due || self.shared.fence.get().is_some() {
+            return;
+        }
+        // Between batches the machine holds exactly the durable state.
+        let snapshot = Snapshot::of(&lock(&self.shared.view).machine);
+        let dir = self.shared.dir.clone();
+        let started = Instant::now();
+        match blocking(move || compact(&dir, &snapshot)).await {
+            Ok(Ok(file)) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "change log compacted"
+                );
+                self.log = Some(Log { file, changes: 0 });
+            }
+            Ok(Err(error)) => {
+                self.shared
+                    .fail(&format!("compacting the change log failed: {error}"));
+            }
+            Err(error) => {
+                self.shared.fail(&format!("compaction: {error}"));
+            }
+        }
+    }
+}
+
+/// Writes the consumer registry when it changed, at most once per `interval`, and once more
+/// when the store closes.
+async fn flush_registry(
+    shared: Arc<Shared>,
+    _lock: Arc<File>,
+    interval: Duration,
+    closing: CancellationToken,
+) {
+    let mut last_flush: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = shared.registry_changed.notified() => {}
+            () = closing.cancelled() => {}
+        }
+        if let Some(last) = last_flush {
+            tokio::select! {
+                () = tokio::time::sleep_until((last + interval).into()) => {}
+                () = closing.cancelled() => {}
+            }
+        }
+        write_registry(&shared).await;
+        last_flush = Some(Instant::now());
+        if closing.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn write_registry(shared: &Arc<Shared>) {
+    let records: Vec<ConsumerRecord> = {
+        let mut registry = lock(&shared.registry);
+        if !registry.dirty {
+            return;
+        }
+        registry.dirty = false;
+        registry.records.values().cloned().collect()
+    };
+    let dir = shared.dir.clone();
+    let written = blocking(move || {
+        let json = serde_json::to_vec_pretty(&records).map_err(io::Error::other)?;
+        write_atomically(&dir, CONSUMERS_FILE, &json)
+    })
+    .await;
+    let error = match written {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    // The old file is intact (the new one was never renamed in, or the rename is as good as
+    // any); try again at the next flush.
+    tracing::warn!(%error, "writing the consumer registry failed; will retry");
+    lock(&shared.registry).dirty = true;
+    shared.registry_changed.notify_one();
+}
+
+/// The whole state at one head: what compaction writes and recovery starts from.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    format: u32,
+    epoch: Epoch,
+    head: Revision,
+    latest: Vec<Change>,
+    /// Every (worker, version) ever published: immutability outlives deletes.
+    versions: Vec<(WorkerName, Version, Checksum)>,
+    tail: Vec<Change>,
+}
+
+impl Snapshot {
+    fn of(machine: &StateMachine) -> Self {
+        let recovered = machine.recovered();
+        let mut versions: Vec<_> = machine
+            .versions()
+            .map(|(w, v, c)| (w.clone(), v.clone(), c.clone()))
+            .collect();
+        versions.sort();
+        Self {
+            format: SNAPSHOT_FORMAT,
+            epoch: recovered.epoch,
+            head: recovered.head,
+            latest: recovered.latest,
+            versions,
+            tail: recovered.tail,
+        }
+    }
+
+    fn into_machine(self, epoch: &Epoch, retain: usize) -> Result<StateMachine, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("snapshot: {what}"));
+        if self.format != SNAPSHOT_FORMAT {
+            return Err(corrupt(&format!("unknown format {}", self.format)));
+        }
+        if &self.epoch != epoch {
+            return Err(corrupt(&format!(
+                "epoch {} is not the directory's epoch {epoch}",
+                self.epoch
+            )));
+        }
+        let contiguous = self
+            .tail
+            .windows(2)
+            .all(|pair| pair[1].revision == pair[0].revision + 1);
+        let ends_at_head = self.tail.last().is_none_or(|c| c.revision == self.head);
+        if !contiguous || !ends_at_head {
+            return Err(corrupt("retained tail is not contiguous up to the head"));
+        }
+        if self.latest.iter().any(|c| c.revision > self.head) {
+            return Err(corrupt("a latest version is past the head"));
+        }
+        Ok(StateMachine::restore(
+            self.epoch,
+            retain,
+            self.head,
+            self.latest,
+            self.versions,
+            self.tail,
+        ))
+    }
+}
+
+/// What recovery hands to a new [`FileStore`].
+struct Opened {
+    lock: File,
+    machine: StateMachine,
+    log: Log,
+    consumers: BTreeMap<ConsumerId, ConsumerRecord>,
+}
+
+/// Opens the directory: lock, clean up crash debris, epoch, snapshot, log replay.
+fn recover(dir: &Path, config: &FileStoreConfig) -> Result<Opened, StoreError> {
+    fs::create_dir_all(dir.join(BUNDLES_DIR))?;
+    let lock = lock_dir(dir)?;
+    remove_temp_files(dir)?;
+    remove_temp_files(&dir.join(BUNDLES_DIR))?;
+
+    let log_bytes = read_if_exists(&dir.join(LOG_FILE))?;
+    let log_len = log_bytes.as_ref().map_or(0, Vec::len);
+    let parsed = parse_log(log_bytes.as_deref().unwrap_or_default())?;
+    let snapshot = match read_if_exists(&dir.join(SNAPSHOT_FILE))? {
+        Some(bytes) => Some(decode_snapshot(&bytes)?),
+        None => None,
+    };
+
+    // A new directory gets its (empty) log before its epoch, so an epoch without a log can
+    // only mean the log was lost, and a log without an epoch holds nothing yet.
+    let epoch = match read_if_exists(&dir.join(EPOCH_FILE))? {
+        Some(_) if log_bytes.is_none() => {
+            return Err(StoreError::Corrupt(format!(
+                "{} has an epoch but no change log",
+                dir.display()
+            )));
+        }
+        Some(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            Epoch::parse(text.trim())
+                .map_err(|e| StoreError::Corrupt(format!("epoch file: {e}")))?
+        }
+        // History without its epoch: making a new one would let consumers resume into a
+        // different history under the revisions they hold.
+        None if snapshot.is_some() || !parsed.batches.is_empty() => {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds a change history but no epoch file",
+                dir.display()
+            )));
+        }
+        None => {
+            if log_bytes.is_none() {
+                File::create(dir.join(LOG_FILE))?.sync_all()?;
+                sync_dir(dir)?;
+            }
+            let epoch = Epoch::generate();
+            write_atomically(dir, EPOCH_FILE, format!("{epoch}\n").as_bytes())?;
+            tracing::info!(%epoch, dir = %dir.display(), "new data directory, new epoch");
+            epoch
+        }
+    };
+
+    let mut machine = match snapshot {
+        Some(snapshot) => snapshot.into_machine(&epoch, config.retain)?,
+        None => StateMachine::new(epoch, config.retain),
+    };
+    let mut logged = 0;
+    let mut stale = 0;
+    for change in parsed.batches.into_iter().flatten() {
+        logged += 1;
+        // A log that a snapshot already covers: the crash came between writing the snapshot
+        // and starting the fresh log.
+        if change.revision <= machine.head() {
+            stale += 1;
+            continue;
+        }
+        machine.commit(change).map_err(|e| {
+            StoreError::Corrupt(format!("log does not follow the snapshot or itself: {e}"))
+        })?;
+    }
+
+    let log_path = dir.join(LOG_FILE);
+    if parsed.valid_len < log_len {
+        tracing::warn!(
+            kept = parsed.valid_len,
+            discarded = log_len - parsed.valid_len,
+            "change log ends in a torn record (crash mid-write); cutting it off"
+        );
+        let file = OpenOptions::new().write(true).open(&log_path)?;
+        file.set_len(parsed.valid_len as u64)?;
+        file.sync_all()?;
+    }
+    let log = if stale > 0 || logged > config.compact_after {
+        // Finish the compaction the crash interrupted (or one that is overdue).
+        Log {
+            file: compact(dir, &Snapshot::of(&machine))?,
+            changes: 0,
+        }
+    } else {
+        Log {
+            file: OpenOptions::new().append(true).open(&log_path)?,
+            changes: logged,
+        }
+    };
+
+    let consumers = match read_if_exists(&dir.join(CONSUMERS_FILE))? {
+        Some(bytes) => serde_json::from_slice::<Vec<ConsumerRecord>>(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{CONSUMERS_FILE}: {e}")))?
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    Ok(Opened {
+        lock,
+        machine,
+        log,
+        consumers,
+    })
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "data directory {} is in use by another process (lock {} is held)",
+            dir.display(),
+            path.display()
+        ))),
+        Err(fs::TryLockError::Error(error)) => Err(error.into()),
+    }
+}
+
+/// Writes the snapshot of `state`, then replaces the log with an empty one; returns the new
+/// log, open for appending.
+///
+/// Crash safety: the snapshot is durable (renamed, directory synced) before the log is
+/// touched, so a crash leaves either the old snapshot with the whole log, or the new snapshot
+/// with the old log (every record in it at or below the snapshot's head, skipped and then
+/// compacted away at open), or the new snapshot with the empty log.
+fn compact(dir: &Path, state: &Snapshot) -> io::Result<File> {
+    let payload = serde_json::to_vec(state).map_err(io::Error::other)?;
+    let record = frame(&payload, u32::MAX as usize).map_err(io::Error::other)?;
+    write_atomically(dir, SNAPSHOT_FILE, &record)?;
+    let temp = dir.join(format!("{LOG_FILE}{TEMP_SUFFIX}"));
+    match fs::remove_file(&temp) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&temp)?;
+    file.sync_all()?;
+    fs::rename(&temp, dir.join(LOG_FILE))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// The log's intact records, and where they end.
+struct ParsedLog {
+    batches: Vec<Vec<Change>>,
+    valid_len: usize,
+}
+
+/// Reads records until the first damaged one. Only the last group commit can be torn (each
+/// is one record, fsynced before the next is written), so damage followed by any intact
+/// record is corruption of durable history, not a torn tail.
+fn parse_log(bytes: &[u8]) -> Result<ParsedLog, StoreError> {
+    let mut batches = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match decode_batch(bytes, at) {
+            Some((changes, next)) => {
+                batches.push(changes);
+                at = next;
+            }
+            None => break,
+        }
+    }
+    if let Some(intact) = (at + 1..bytes.len()).find(|&p| decode_batch(bytes, p).is_some()) {
+        return Err(StoreError::Corrupt(format!(
+            "change log damaged at byte {at}, with intact records after it (at byte {intact})"
+        )));
+    }
+    Ok(ParsedLog {
+        batches,
+        valid_len: at,
+    })
+}
+
+fn decode_batch(bytes: &[u8], at: usize) -> Option<(Vec<Change>, usize)> {
+    let (payload, next) = unframe(bytes, at, MAX_LOG_RECORD)?;
+    let changes: Vec<Change> = serde_json::from_slice(payload).ok()?;
+    (!changes.is_empty()).then_some((changes, next))
+}
+
+fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("snapshot: {what}"));
+    match unframe(bytes, 0, u32::MAX as usize) {
+        Some((payload, end)) if end == bytes.len() => {
+            serde_json::from_slice(payload).map_err(|e| corrupt(&e.to_string()))
+        }
+        Some(_) => Err(corrupt("trailing bytes")),
+        None => Err(corrupt("damaged record")),
+    }
+}
+
+/// `len | crc | payload`.
+fn frame(payload: &[u8], max: usize) -> Result<Vec<u8>, String> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&len| len as usize <= max)
+        .ok_or_else(|| format!("record of {} bytes is too large", payload.len()))?;
+    let mut record = Vec::with_capacity(RECORD_HEADER + payload.len());
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    record.extend_from_slice(payload);
+    Ok(record)
+}
+
+/// The payload of the record at `at` and where the next one starts; `None` if it is
+/// incomplete or damaged. An empty payload is damage too: a zero-filled tail (an extended
+/// file whose data never landed) would otherwise read as records with CRC 0.
+fn unframe(bytes: &[u8], at: usize, max: usize) -> Option<(&[u8], usize)> {
+    let header = bytes.get(at..at.checked_add(RECORD_HEADER)?)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 || len > max {
+        return None;
+    }
+    let start = at + RECORD_HEADER;
+    let payload = bytes.get(start..start.checked_add(len)?)?;
+    (crc32fast::hash(payload) == crc).then_some((payload, start + len))
+}
+
+enum BundleError {
+    /// Nothing was published; the request failed.
+    Write(io::Error),
+    /// Durability of the directory is in doubt.
+    Sync(io::Error),
+}
+
+fn write_bundle(path: &Path, code: &[u8]) -> Result<(), BundleError> {
+    // Content-addressed: a file of the right size is this code, written whole (it was
+    // fsynced before its rename). A wrong size is a damaged file; rewrite it.
+    if fs::metadata(path).is_ok_and(|m| m.len() == code.len() as u64) {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .ok_or_else(|| BundleError::Write(io::Error::other("bundle path has no directory")))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    // Two publishes of the same code may race; each writes its own temp file.
+    let temp = dir.join(format!(
+        "{name}.{:016x}{TEMP_SUFFIX}",
+        rand::random::<u64>()
+    ));
+    let written = File::create(&temp).and_then(|mut file| {
+        file.write_all(code)?;
+        file.sync_all()
+    });
+    if let Err(error) = written.and_then(|()| fs::rename(&temp, path)) {
+        let _ = fs::remove_file(&temp);
+        return Err(BundleError::Write(error));
+    }
+    sync_dir(dir).map_err(BundleError::Sync)
+}
+
+/// Temp file, fsync, rename over `name`, fsync the directory.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let temp = dir.join(format!("{name}{TEMP_SUFFIX}"));
+    let mut file = File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&temp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().ends_with(TEMP_SUFFIX) {
+            tracing::debug!(path = %entry.path().display(), "removing a temp file left by a crash");
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn read_if_exists(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Runs blocking file work off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("file store task failed: {e}")))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections are single commits, inserts or reads; a panic elsewhere cannot leave
+    // the data half-changed, so a poisoned lock is still consistent.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::store::conformance::{self, put};
+
+    const TS: i64 = 1_700_000_000_000;
+
+    async fn open(dir: &Path) -> FileStore {
+        FileStore::open(dir, 1000).await.unwrap()
+    }
+
+    async fn open_compacting(dir: &Path, retain: usize, compact_after: usize) -> FileStore {
+        let config = FileStoreConfig {
+            retain,
+            compact_after,
+            consumer_flush_interval: Duration::from_secs(1),
+        };
+        FileStore::open_with(dir, config).await.unwrap()
+    }
+
+    async fn commit(store: &FileStore, proposal: Proposal) -> Change {
+        match store.apply(proposal, TS).await.unwrap() {
+            Outcome::Committed(change) => change,
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    fn delete(worker: &str) -> Proposal {
+        Proposal::Delete {
+            worker: WorkerName::parse(worker).unwrap(),
+        }
+    }
+
+    /// Commits `n` changes one at a time (one record each): puts of several workers, with a
+    /// delete now and then, so the state has history, live workers and dead ones.
+    async fn commit_history(store: &FileStore, n: usize) {
+        for i in 0..n {
+            if i % 7 == 6 {
+                commit(store, delete(&format!("w{}", (i - 1) % 5))).await;
+            } else {
+                let code = format!("code-{i}");
+                commit(
+                    store,
+                    put(&format!("w{}", i % 5), &i.to_string(), code.as_bytes()),
+                )
+                .await;
+            }
+        }
+    }
+
+    fn log_path(dir: &Path) -> PathBuf {
+        dir.join(LOG_FILE)
+    }
+
+    fn append_to_log(dir: &Path, bytes: &[u8]) {
+        let mut file = OpenOptions::new().append(true).open(log_path(dir)).unwrap();
+        file.write_all(bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn file_store_passes_the_conformance_suite() {
+        let dirs = Arc::new(Mutex::new(Vec::new()));
+        conformance::run_all(|| {
+            let dirs = dirs.clone();
+            async move {
+                let dir = tempfile::tempdir().unwrap();
+                let store = open(dir.path()).await;
+                lock(&dirs).push(dir);
+                store
+            }
+        })
+        .await;
+    }
+
+    // `survives_reopen` reopens synchronously; block_in_place needs the multi-thread runtime.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_store_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let first = open(&path).await;
+        conformance::survives_reopen(first, |first| {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    first.close().await;
+                    open(&path).await
+                })
+            })
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_a_locked_dir_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path()).await;
+        let Err(error) = FileStore::open(dir.path(), 10).await else {
+            panic!("a second store opened a locked directory");
+        };
+        assert!(
+            matches!(&error, StoreError::Unavailable(m) if m.contains("in use by another process")),
+            "{error}"
+        );
+        first.close().await;
+        let again = FileStore::open(dir.path(), 10).await;
+        assert!(again.is_ok(), "closing releases the lock");
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_off_and_everything_before_it_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        commit_history(&store, 5).await;
+        let before = store.load().await.unwrap();
+        store.close().await;
+        let intact_len = fs::metadata(log_path(dir.path())).unwrap().len();
+
+        // Half of a real record, as a crash mid-append leaves it.
+        let change = Change {
+            revision: 6,
+            ..before.tail[0].clone()
+        };
+        let record = frame(&serde_json::to_vec(&[change]).unwrap(), MAX_LOG_RECORD).unwrap();
+        append_to_log(dir.path(), &record[..record.len() / 2]);
+
+        let store = open(dir.path()).await;
+        assert_eq!(store.load().await.unwrap(), before);
+        assert_eq!(
+            fs::metadata(log_path(dir.path())).unwrap().len(),
+            intact_len,
+            "the torn record is truncated away"
+        );
+        assert_eq!(commit(&store, put("x", "1", b"x")).await.revision, 6);
+        store.close().await;
+
+        // A file extended with zeros whose data never landed.
+        append_to_log(dir.path(), &[0u8; 4096]);
+        let store = open(dir.path()).await;
+        let state = store.load().await.unwrap();
+        assert_eq!(state.head, 6);
+        assert_eq!(state.tail[..5], before.tail[..]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn corruption_before_the_tail_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        commit_history(&store, 3).await;
+        store.close().await;
+        let mut log = fs::read(log_path(dir.path())).unwrap();
+        // A bit flip inside the first record's payload; records 2 and 3 are intact.
+        log[RECORD_HEADER + 10] ^= 0x01;
+        fs::write(log_path(dir.path()), &log).unwrap();
+        match FileStore::open(dir.path(), 1000).await {
+            Err(StoreError::Corrupt(message)) => assert!(message.contains("byte 0"), "{message}"),
+            Err(other) => panic!("expected corruption, got {other}"),
+            Ok(_) => panic!("opened a log with damaged history"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_epoch_or_log_is_corrupt_but_a_wiped_dir_starts_a_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let first_epoch = store.load().await.unwrap().epoch;
+        commit_history(&store, 2).await;
+        store.close().await;
+
+        let log = fs::read(log_path(dir.path())).unwrap();
+        fs::remove_file(log_path(dir.path())).unwrap();
+        assert!(
+            matches!(
+                FileStore::open(dir.path(), 1000).await,
+                Err(StoreError::Corrupt(m)) if m.contains("no change log")
+            ),
+            "a lost log must not restart revisions under the same epoch"
+        );
+        fs::write(log_path(dir.path()), log).unwrap();
+        fs::remove_file(dir.path().join(EPOCH_FILE)).unwrap();
+        assert!(matches!(
+            FileStore::open(dir.path(), 1000).await,
+            Err(StoreError::Corrupt(m)) if m.contains("no epoch file")
+        ));
+
+        fs::remove_dir_all(dir.path()).unwrap();
+        let store = open(dir.path()).await;
+        let state = store.load().await.unwrap();
+        assert_eq!(state.head, 0);
+        assert_ne!(state.epoch, first_epoch);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn compaction_bounds_the_log_and_reopens_to_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_compacting(dir.path(), 4, 10).await;
+        commit_history(&store, 25).await;
+        let before = store.load().await.unwrap();
+        assert_eq!(before.head, 25);
+        store.close().await;
+
+        assert!(dir.path().join(SNAPSHOT_FILE).exists());
+        let logged = parse_log(&fs::read(log_path(dir.path())).unwrap())
+            .unwrap()
+            .batches
+            .len();
+        assert!(logged <= 10, "log holds {logged} records after compaction");
+
+        let store = open_compacting(dir.path(), 4, 10).await;
+        assert_eq!(store.load().await.unwrap(), before);
+        // Immutability of a version published long before the snapshot.
+        assert!(matches!(
+            store.apply(put("w0", "0", b"other"), TS).await.unwrap(),
+            Outcome::Conflict { .. }
+        ));
+        match store.changes_after(22, 10).await.unwrap() {
+            Tail::Changes { changes, .. } => assert_eq!(
+                changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
+                [23, 24, 25]
+            ),
+            Tail::Gone { .. } => panic!("retained"),
+        }
+        assert!(matches!(
+            store.changes_after(20, 10).await.unwrap(),
+            Tail::Gone { .. }
+        ));
+        assert_eq!(commit(&store, put("new", "1", b"n")).await.revision, 26);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_snapshot_and_fresh_log_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_compacting(dir.path(), 4, 1000).await;
+        commit_history(&store, 12).await;
+        let before = store.load().await.unwrap();
+        store.close().await;
+        let old_log = fs::read(log_path(dir.path())).unwrap();
+
+        // Opening with a lower threshold compacts at once: snapshot at 12, empty log.
+        let store = open_compacting(dir.path(), 4, 5).await;
+        store.close().await;
+        assert!(dir.path().join(SNAPSHOT_FILE).exists());
+        assert_eq!(fs::metadata(log_path(dir.path())).unwrap().len(), 0);
+
+        // The crash: the snapshot is durable, the old log never got replaced, and the
+        // temp files of both steps are lying around.
+        fs::write(log_path(dir.path()), &old_log).unwrap();
+        fs::write(dir.path().join("log.tmp"), b"").unwrap();
+        fs::write(dir.path().join("snapshot.tmp"), b"half a snap").unwrap();
+
+        let store = open_compacting(dir.path(), 4, 1000).await;
+        assert_eq!(store.load().await.unwrap(), before);
+        assert_eq!(
+            fs::metadata(log_path(dir.path())).unwrap().len(),
+            0,
+            "the interrupted compaction is finished at open"
+        );
+        assert!(!dir.path().join("snapshot.tmp").exists());
+        assert_eq!(commit(&store, put("new", "1", b"n")).await.revision, 13);
+        let after = store.load().await.unwrap();
+        store.close().await;
+
+        let store = open_compacting(dir.path(), 4, 1000).await;
+        assert_eq!(store.load().await.unwrap(), after);
+        store.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_applies_share_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()).await);
+
+        // Sequential applies: one fsync each, so this is the fsync latency here.
+        let sequential = 32;
+        let started = Instant::now();
+        for i in 0..sequential {
+            commit(&store, put("seq", &i.to_string(), i.to_string().as_bytes())).await;
+        }
+        let per_apply = started.elapsed() / sequential;
+        assert_eq!(store.log_syncs(), u64::from(sequential));
+
+        let rounds = 20;
+        let publishers = 64;
+        let syncs_before = store.log_syncs();
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for p in 0..publishers {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..rounds {
+                    let code = format!("{p}-{r}");
+                    commit(
+                        &store,
+                        put(&format!("p{p}"), &r.to_string(), code.as_bytes()),
+                    )
+                    .await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let applies = publishers * rounds;
+        let syncs = store.log_syncs() - syncs_before;
+        println!(
+            "file store: sequential apply {per_apply:?} (≈ one fsync); {applies} applies from \
+             {publishers} concurrent publishers in {elapsed:?} = {:.0}/s with {syncs} fsyncs \
+             ({:.1} changes per fsync)",
+            f64::from(applies) / elapsed.as_secs_f64(),
+            f64::from(applies) / syncs as f64,
+        );
+        assert!(
+            syncs < u64::from(applies),
+            "{syncs} fsyncs for {applies} concurrent applies: nothing was batched"
+        );
+        let head = store.load().await.unwrap().head;
+        assert_eq!(head, u64::from(sequential + applies));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_fences_the_store_and_hides_the_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        commit(&store, put("a", "1", b"a")).await;
+        let hint = store.head_hint();
+
+        store.shared.fail_next_sync.store(true, Ordering::Relaxed);
+        let error = store.apply(put("a", "2", b"b"), TS).await.unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Unavailable(m) if m.contains("restart required")),
+            "{error}"
+        );
+        assert_eq!(
+            *hint.borrow(),
+            1,
+            "no hint for a change that is not durable"
+        );
+        assert_eq!(lock(&store.shared.view).durable, 1);
+        for result in [
+            store.load().await.map(drop),
+            store.changes_after(0, 10).await.map(drop),
+            store.apply(put("b", "1", b"b"), TS).await.map(drop),
+            store.consumers().await.map(drop),
+        ] {
+            assert!(matches!(result, Err(StoreError::Unavailable(_))));
+        }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn consumer_records_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let mut records = Vec::new();
+        for id in ["edge-2", "edge-1", "edge-1/b"] {
+            let record = ConsumerRecord {
+                id: ConsumerId::authorize(id.split('/').next().unwrap(), id).unwrap(),
+                endpoint: String::new(),
+                labels: BTreeMap::from([("region".to_owned(), "eu".to_owned())]),
+                transport: "quic".to_owned(),
+                first_seen_ms: 1,
+                last_seen_ms: 2,
+                last_acked_revision: 3,
+            };
+            store.save_consumer(&record).await.unwrap();
+            records.push(record);
+        }
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(store.consumers().await.unwrap(), records);
+        store.close().await;
+
+        let store = open(dir.path()).await;
+        assert_eq!(store.consumers().await.unwrap(), records);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_damaged_bundle_is_reported_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let code = Bytes::from_static(b"export default {}");
+        let checksum = Checksum::of(&code);
+        store.put_bundle(&checksum, code.clone()).await.unwrap();
+        let path = dir.path().join(BUNDLES_DIR).join(checksum.as_str());
+        fs::write(&path, b"export default {!").unwrap();
+        assert!(matches!(
+            store.bundle(&checksum).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        // Same size, so `put_bundle` trusts the file; a different size is rewritten.
+        fs::write(&path, b"short").unwrap();
+        store.put_bundle(&checksum, code.clone()).await.unwrap();
+        assert_eq!(store.bundle(&checksum).await.unwrap(), Some(code));
+        store.close().await;
+    }
+}
