@@ -281,12 +281,11 @@ impl Core {
         if inline {
             lock(&self.fresh_code).remove(&checksum);
         }
-        result.map(|published| {
+        result.inspect(|published| {
             if published.created {
                 metrics::counter!("workerpush_changes_published_total", "kind" => "put")
                     .increment(1);
             }
-            published
         })
     }
 
