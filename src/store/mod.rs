@@ -10,6 +10,7 @@
 
 pub mod conformance;
 mod memory;
+mod redis;
 mod state;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use self::redis::{RedisConfig, RedisStore};
 pub use memory::MemoryStore;
 pub use state::StateMachine;
 
