@@ -11,6 +11,7 @@
 pub mod conformance;
 mod file;
 mod memory;
+mod redis;
 mod state;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use self::redis::{RedisConfig, RedisStore};
 pub use file::{FileStore, FileStoreConfig};
 pub use memory::MemoryStore;
 pub use state::StateMachine;

@@ -1,0 +1,1093 @@
+//! The Redis store: several cores share one Redis and so one revision order, one retained log,
+//! one set of bundles and one consumer registry.
+//!
+//! Owns the key layout below, the Lua scripts that decide and commit proposals inside Redis,
+//! and the hint subscription. Depends on `store` and `core::types` only.
+//!
+//! # Key layout (every key under the configured prefix, default `workerpush`)
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `{prefix}:epoch` | string | the epoch; created (`SET`) by whichever script first finds it missing |
+//! | `{prefix}:head` | string (integer) | the revision of the last change |
+//! | `{prefix}:log` | stream | the retained log: entry id `<revision>-0`, one field `c` = the change record, trimmed to exactly `retain` entries |
+//! | `{prefix}:latest` | hash | worker → the change record that made its latest version live |
+//! | `{prefix}:versions` | hash | `<worker>/<version>` → checksum, for every version ever published (kept forever: immutability survives deletes) |
+//! | `{prefix}:bundle:<checksum>` | string | the code (`SET NX`) |
+//! | `{prefix}:consumers` | hash | consumer id → JSON [`ConsumerRecord`] |
+//! | `{prefix}:hint` | pub/sub channel | the revision of each commit: a wake-up only |
+//!
+//! A change record is JSON with string fields: `{"r": revision, "k": "put"|"delete", "w":
+//! worker, "v": version, "c": checksum, "s": size, "t": unix ms}`. Everything read back is
+//! validated; what does not parse is [`StoreError::Corrupt`].
+//!
+//! # Atomicity
+//! Every `apply` is one Lua script: it decides by the rules of [`super::StateMachine::decide`]
+//! and commits in the same atomic step (`XADD` first, so a failing write leaves nothing behind;
+//! then head, versions, latest, `PUBLISH`). `load` and `changes_after` are scripts too, so head,
+//! latest and log are always read from one instant. Since the log is only appended to at
+//! `head + 1` and only trimmed from the front, the retained log is always contiguous and ends at
+//! the head; reads check it anyway.
+//!
+//! # The epoch
+//! Every script first makes sure the epoch exists, creating it atomically when missing (first
+//! use, or Redis lost its data). So `apply` never refuses for lack of an epoch and never writes
+//! history under none: a flushed Redis simply starts a new history in a new epoch, and every
+//! core that followed the old one reloads and sends its subscribers `RESET`. Each store also
+//! remembers the highest head it has seen in the current epoch; if Redis comes back with the
+//! same epoch but an older head (restored from a stale snapshot), the next script starts a new
+//! epoch rather than hand out revision numbers that consumers have already seen for other
+//! changes.
+//!
+//! # Operating it
+//! Durability is what Redis acknowledges: run it with `appendonly yes` (and `appendfsync
+//! always` for the design's "survives kill -9"), and `maxmemory-policy noeviction` — an
+//! evicted key would silently break history. For Redis Cluster, give a prefix with a hash tag
+//! (`{workerpush}`) so every key lands in one slot.
+//!
+//! Pub/sub is at-most-once, so hints are wake-ups only: the core also polls `changes_after`.
+//! A timed-out `apply` is ambiguous (the script may have run): it answers
+//! [`StoreError::Unavailable`], and a retried put then answers `Unchanged` with the revision it got.
+
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::{
+    Client, RedisError, RedisResult, Script,
+    aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
+};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{
+    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Store, StoreError, Tail,
+};
+use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
+
+/// How to reach Redis and where to keep the state in it.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    pub url: String,
+    /// Every key starts with `{key_prefix}:`; cores sharing one history share the prefix.
+    pub key_prefix: String,
+    /// How many changes the log retains for resume (at least 1).
+    pub retain: usize,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How long one operation may take, reconnecting included, before it answers
+    /// [`StoreError::Unavailable`].
+    pub response_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "workerpush".to_owned(),
+            retain: 10_000,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A [`Store`] in Redis, shared by every core that uses the same URL and prefix.
+pub struct RedisStore {
+    connection: ConnectionManager,
+    keys: Keys,
+    scripts: Scripts,
+    retain: usize,
+    response_timeout: Duration,
+    head: watch::Sender<Revision>,
+    /// The highest head seen in the newest epoch seen: a fence against Redis coming back with
+    /// the same epoch but a shorter history.
+    seen: Mutex<Option<(Epoch, Revision)>>,
+    /// Stops the hint task when the store is dropped.
+    _hints: DropGuard,
+}
+
+struct Keys {
+    prefix: String,
+    /// The five keys every script gets, in the order the scripts expect.
+    state: [String; 5],
+    consumers: String,
+    hint: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            state: ["epoch", "head", "log", "versions", "latest"].map(|k| format!("{prefix}:{k}")),
+            consumers: format!("{prefix}:consumers"),
+            hint: format!("{prefix}:hint"),
+        }
+    }
+
+    fn bundle(&self, checksum: &Checksum) -> String {
+        format!("{}:bundle:{checksum}", self.prefix)
+    }
+}
+
+struct Scripts {
+    load: Script,
+    changes: Script,
+    apply: Script,
+}
+
+impl RedisStore {
+    /// Makes a store for `config` and starts its hint subscription.
+    ///
+    /// Does not wait for Redis: connections are made on first use and remade whenever they
+    /// break, and every operation answers [`StoreError::Unavailable`] (within
+    /// `response_timeout`) while Redis cannot be reached. Fails only on an invalid URL or
+    /// outside a Tokio runtime.
+    pub fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+        let invalid = |what: String| {
+            StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
+        };
+        // The URL may hold a password: name the problem, never the URL.
+        let client =
+            Client::open(config.url.as_str()).map_err(|e| invalid(format!("redis url: {e}")))?;
+        if config.key_prefix.is_empty() {
+            return Err(invalid("redis key prefix is empty".to_owned()));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| invalid(format!("redis store needs a Tokio runtime: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            // Few, short retries inside the manager: each operation is bounded by the response
+            // timeout anyway, and a failed reconnect is retried by the next operation.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| invalid(format!("redis connection: {e}")))?;
+
+        let keys = Keys::new(&config.key_prefix);
+        let head = watch::Sender::new(0);
+        let cancel = CancellationToken::new();
+        runtime.spawn(follow_hints(
+            client,
+            keys.hint.clone(),
+            head.clone(),
+            config.connect_timeout,
+            config.response_timeout,
+            cancel.clone(),
+        ));
+        Ok(Self {
+            connection,
+            keys,
+            scripts: Scripts {
+                load: Script::new(&format!("{PREAMBLE}{LOAD}")),
+                changes: Script::new(&format!("{PREAMBLE}{CHANGES}")),
+                apply: Script::new(&format!("{PREAMBLE}{APPLY}")),
+            },
+            retain: config.retain.max(1),
+            response_timeout: config.response_timeout,
+            head,
+            seen: Mutex::new(None),
+            _hints: cancel.drop_guard(),
+        })
+    }
+
+    fn seen(&self) -> MutexGuard<'_, Option<(Epoch, Revision)>> {
+        // Every critical section is a single read or assignment: a poisoned lock still holds a
+        // consistent value.
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `fresh, known epoch, known head` arguments every script starts with.
+    fn fence(&self) -> (String, String, Revision) {
+        let (known_epoch, known_head) = self
+            .seen()
+            .as_ref()
+            .map_or((String::new(), 0), |(e, h)| (e.as_str().to_owned(), *h));
+        (
+            Epoch::generate().as_str().to_owned(),
+            known_epoch,
+            known_head,
+        )
+    }
+
+    /// Records what a script reported, and returns the parsed epoch.
+    fn observe(&self, epoch: &str, head: Revision) -> Result<Epoch, StoreError> {
+        let epoch = Epoch::parse(epoch).map_err(|e| corrupt("epoch", e))?;
+        let mut seen = self.seen();
+        match seen.as_mut() {
+            Some((known, known_head)) if *known == epoch => *known_head = (*known_head).max(head),
+            previous => {
+                if let Some((old, _)) = previous {
+                    tracing::warn!(old_epoch = %old, epoch = %epoch, head, prefix = %self.keys.prefix, "redis store history changed: new epoch");
+                }
+                *seen = Some((epoch.clone(), head));
+            }
+        }
+        Ok(epoch)
+    }
+
+    /// Runs one operation under the response timeout. The operation may be tried twice: again
+    /// after a connection refusal (it was never sent, so this is safe even for writes; it is
+    /// also how a stale broken connection gets replaced), and, when `idempotent`, after any
+    /// connection error.
+    async fn run<T, F, Fut>(&self, what: &str, idempotent: bool, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempts = async {
+            let first = op(self.connection.clone()).await;
+            match first {
+                Err(e) if e.is_connection_refusal() || (idempotent && e.is_io_error()) => {
+                    op(self.connection.clone()).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.response_timeout, attempts).await {
+            Ok(result) => result.map_err(|e| store_error(what, &e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis did not answer {what} within {:?}",
+                self.response_timeout
+            ))),
+        }
+    }
+}
+
+/// Maps a Redis error: our scripts' `WPCORRUPT` and unreadable replies are corruption;
+/// everything else (I/O, timeouts, loading, read-only replicas, OOM) is temporary.
+fn store_error(what: &str, error: &RedisError) -> StoreError {
+    let corrupt = error.code() == Some("WPCORRUPT")
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        );
+    if corrupt {
+        StoreError::Corrupt(format!("redis {what}: {error}"))
+    } else {
+        StoreError::Unavailable(format!("redis {what}: {error}"))
+    }
+}
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("redis {what}: {error}"))
+}
+
+/// A change as the scripts store it.
+#[derive(Deserialize)]
+struct Record {
+    r: String,
+    k: String,
+    w: String,
+    v: String,
+    c: String,
+    s: String,
+    t: String,
+}
+
+fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
+    let record: Record = serde_json::from_slice(bytes).map_err(|e| corrupt("change record", e))?;
+    let number = |field: &str, text: &str| {
+        text.parse::<u64>()
+            .map_err(|e| corrupt(&format!("change {field} {text:?}"), e))
+    };
+    Ok(Change {
+        revision: number("revision", &record.r)?,
+        kind: match record.k.as_str() {
+            "put" => ChangeKind::Put,
+            "delete" => ChangeKind::Delete,
+            other => return Err(corrupt("change kind", other)),
+        },
+        worker: WorkerName::parse(&record.w).map_err(|e| corrupt("change worker", e))?,
+        version: Version::parse(&record.v).map_err(|e| corrupt("change version", e))?,
+        checksum: Checksum::parse(&record.c).map_err(|e| corrupt("change checksum", e))?,
+        size: number("size", &record.s)?,
+        timestamp_ms: record
+            .t
+            .parse::<i64>()
+            .map_err(|e| corrupt("change timestamp", e))?,
+    })
+}
+
+/// Decodes log records and checks they run contiguously from `first`.
+fn decode_run(records: &[Vec<u8>], first: Revision) -> Result<Vec<Change>, StoreError> {
+    let mut changes = Vec::with_capacity(records.len());
+    for (expected, record) in (first..).zip(records) {
+        let change = decode_change(record)?;
+        if change.revision != expected {
+            return Err(StoreError::Corrupt(format!(
+                "redis log: revision {} where {expected} belongs",
+                change.revision
+            )));
+        }
+        changes.push(change);
+    }
+    Ok(changes)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load(&self) -> Result<Recovered, StoreError> {
+        let (fresh, known_epoch, known_head) = self.fence();
+        let (epoch, head, latest, tail): (String, Revision, Vec<Vec<u8>>, Vec<Vec<u8>>) = self
+            .run("load", true, |mut connection| {
+                let mut invocation = self.scripts.load.prepare_invoke();
+                invocation
+                    .key(&self.keys.state)
+                    .arg(&fresh)
+                    .arg(&known_epoch)
+                    .arg(known_head);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        let epoch = self.observe(&epoch, head)?;
+        let first = (head + 1).saturating_sub(tail.len() as u64);
+        let tail = decode_run(&tail, first)?;
+        if head > 0 && tail.is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "redis log is empty but head is {head}"
+            )));
+        }
+        let mut latest = latest
+            .iter()
+            .map(|record| decode_change(record))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(change) = latest
+            .iter()
+            .find(|c| c.revision > head || c.kind != ChangeKind::Put)
+        {
+            return Err(StoreError::Corrupt(format!(
+                "redis latest: {change:?} does not fit head {head}"
+            )));
+        }
+        latest.sort_by_key(|c| c.revision);
+        Ok(Recovered {
+            epoch,
+            head,
+            latest,
+            tail,
+        })
+    }
+
+    async fn put_bundle(&self, checksum: &Checksum, code: Bytes) -> Result<(), StoreError> {
+        let key = self.keys.bundle(checksum);
+        self.run("put_bundle", true, |mut connection| {
+            let mut command = redis::cmd("SET");
+            command.arg(&key).arg(code.as_ref()).arg("NX");
+            async move { command.query_async::<redis::Value>(&mut connection).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn bundle(&self, checksum: &Checksum) -> Result<Option<Bytes>, StoreError> {
+        let key = self.keys.bundle(checksum);
+        let code: Option<Vec<u8>> = self
+            .run("bundle", true, |mut connection| {
+                let mut command = redis::cmd("GET");
+                command.arg(&key);
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        match code {
+            Some(code) if Checksum::of(&code) != *checksum => Err(StoreError::Corrupt(format!(
+                "redis bundle {checksum} holds other code"
+            ))),
+            code => Ok(code.map(Bytes::from)),
+        }
+    }
+
+    async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError> {
+        let (fresh, known_epoch, known_head) = self.fence();
+        let (op, worker, version, checksum, size) = match &proposal {
+            Proposal::Put {
+                worker,
+                version,
+                checksum,
+                size,
+            } => ("put", worker, version.as_str(), checksum.as_str(), *size),
+            Proposal::Delete { worker } => ("delete", worker, "", "", 0),
+        };
+        let (epoch, head, status, payload): (String, Revision, String, Vec<u8>) = self
+            // Not idempotent: a put that ran but whose answer was lost would come back
+            // `Unchanged`, a delete `NotFound`.
+            .run("apply", false, |mut connection| {
+                let mut invocation = self.scripts.apply.prepare_invoke();
+                invocation
+                    .key(&self.keys.state)
+                    .arg(&fresh)
+                    .arg(&known_epoch)
+                    .arg(known_head)
+                    .arg(op)
+                    .arg(worker.as_str())
+                    .arg(version)
+                    .arg(checksum)
+                    .arg(size)
+                    .arg(timestamp_ms)
+                    .arg(self.retain)
+                    .arg(&self.keys.hint);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        self.observe(&epoch, head)?;
+        match status.as_str() {
+            "committed" => {
+                let change = decode_change(&payload)?;
+                if change.revision != head {
+                    return Err(corrupt("apply", "committed revision is not the head"));
+                }
+                self.head.send_replace(change.revision);
+                Ok(Outcome::Committed(change))
+            }
+            "unchanged" => Ok(Outcome::Unchanged(decode_change(&payload)?)),
+            "conflict" => Ok(Outcome::Conflict {
+                existing: Checksum::parse(&String::from_utf8_lossy(&payload))
+                    .map_err(|e| corrupt("stored checksum", e))?,
+            }),
+            "notfound" => Ok(Outcome::NotFound),
+            other => Err(corrupt("apply status", other)),
+        }
+    }
+
+    async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError> {
+        let (fresh, known_epoch, known_head) = self.fence();
+        let (epoch, head, status, records): (String, Revision, String, Vec<Vec<u8>>) = self
+            .run("changes_after", true, |mut connection| {
+                let mut invocation = self.scripts.changes.prepare_invoke();
+                invocation
+                    .key(&self.keys.state)
+                    .arg(&fresh)
+                    .arg(&known_epoch)
+                    .arg(known_head)
+                    .arg(after)
+                    // At least 1 (Redis reads COUNT 0 as "no limit") and a count Redis
+                    // accepts; trimmed to `limit` below, and fewer is always allowed.
+                    .arg(limit.clamp(1, 1 << 20));
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        let epoch = self.observe(&epoch, head)?;
+        match status.as_str() {
+            "gone" => Ok(Tail::Gone { epoch }),
+            "changes" => {
+                let mut changes = decode_run(&records, after + 1)?;
+                changes.truncate(limit);
+                Ok(Tail::Changes { epoch, changes })
+            }
+            other => Err(corrupt("changes_after status", other)),
+        }
+    }
+
+    fn head_hint(&self) -> watch::Receiver<Revision> {
+        self.head.subscribe()
+    }
+
+    async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(record).map_err(|e| corrupt("consumer record", e))?;
+        self.run("save_consumer", true, |mut connection| {
+            let mut command = redis::cmd("HSET");
+            command
+                .arg(&self.keys.consumers)
+                .arg(record.id.as_str())
+                .arg(&json);
+            async move { command.query_async::<redis::Value>(&mut connection).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
+        let records: Vec<Vec<u8>> = self
+            .run("consumers", true, |mut connection| {
+                let mut command = redis::cmd("HVALS");
+                command.arg(&self.keys.consumers);
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        let mut all = records
+            .iter()
+            .map(|json| {
+                serde_json::from_slice::<ConsumerRecord>(json)
+                    .map_err(|e| corrupt("consumer record", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+}
+
+/// Keeps one pub/sub subscription to the hint channel and feeds `head` from it, reconnecting
+/// with jittered exponential backoff. Logs when the subscription is lost and when it is back,
+/// not on every retry. Ends when `cancel` fires (the store was dropped).
+async fn follow_hints(
+    client: Client,
+    channel: String,
+    head: watch::Sender<Revision>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    cancel: CancellationToken,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+    const MAX_BACKOFF: Duration = Duration::from_secs(2);
+    let mut backoff = FIRST_BACKOFF;
+    let mut down = false;
+    loop {
+        let subscribe = async {
+            let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| format!("no connection within {connect_timeout:?}"))?
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(response_timeout, pubsub.subscribe(&channel))
+                .await
+                .map_err(|_| format!("no SUBSCRIBE answer within {response_timeout:?}"))?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(pubsub)
+        };
+        let subscribed = tokio::select! {
+            () = cancel.cancelled() => return,
+            subscribed = subscribe => subscribed,
+        };
+        let error = match subscribed {
+            Ok(pubsub) => {
+                if down {
+                    tracing::info!(%channel, "redis hint subscription restored");
+                    down = false;
+                }
+                backoff = FIRST_BACKOFF;
+                // Commits may have happened while nobody listened: wake the followers.
+                head.send_modify(|_| {});
+                match listen(pubsub, &head, response_timeout, &cancel).await {
+                    Some(error) => error,
+                    None => return,
+                }
+            }
+            Err(error) => error,
+        };
+        if !down {
+            tracing::warn!(%channel, %error, "redis hint subscription down; retrying with backoff (the core keeps polling)");
+            down = true;
+        }
+        let jittered = backoff / 2 + backoff.mul_f64(rand::random::<f64>() / 2.0);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Forwards hints until the connection fails (returns why) or `cancel` fires (returns `None`).
+/// Pings now and then so that a silently dead connection is noticed.
+async fn listen(
+    pubsub: PubSub,
+    head: &watch::Sender<Revision>,
+    response_timeout: Duration,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    const PING_EVERY: Duration = Duration::from_secs(15);
+    let (mut sink, mut messages) = pubsub.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.reset();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            message = messages.next() => match message {
+                None => return Some("connection closed".to_owned()),
+                Some(message) => match message.get_payload::<u64>() {
+                    Ok(revision) => {
+                        head.send_replace(revision);
+                    }
+                    Err(error) => tracing::debug!(%error, "ignoring a malformed hint"),
+                },
+            },
+            _ = ping.tick() => {
+                match tokio::time::timeout(response_timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return Some(error.to_string()),
+                    Err(_) => return Some(format!("no PING answer within {response_timeout:?}")),
+                }
+            }
+        }
+    }
+}
+
+/// Shared by every script. KEYS: epoch, head, log, versions, latest. ARGV[1]: a fresh epoch
+/// to use if there is none; ARGV[2], ARGV[3]: the epoch and head this store last saw.
+/// Leaves `epoch` and `head` in locals.
+const PREAMBLE: &str = r"
+local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not head then
+  return redis.error_reply('WPCORRUPT head is not a number')
+end
+local epoch = redis.call('GET', KEYS[1])
+if epoch and epoch == ARGV[2] and head < tonumber(ARGV[3]) then
+  -- Same epoch, shorter history: changes were lost. Their revisions must not be reused.
+  epoch = false
+end
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[1], epoch)
+end
+local function log_values(entries)
+  local values = {}
+  for i, entry in ipairs(entries) do
+    values[i] = entry[2][2]
+  end
+  return values
+end
+";
+
+/// Returns epoch, head, latest records, the whole retained log.
+const LOAD: &str = r"
+return {epoch, head, redis.call('HVALS', KEYS[5]), log_values(redis.call('XRANGE', KEYS[3], '-', '+'))}
+";
+
+/// ARGV[4]: after; ARGV[5]: limit (at least 1). Returns epoch, head, 'gone' | 'changes', records.
+const CHANGES: &str = r"
+local after = tonumber(ARGV[4])
+if after > head then
+  return {epoch, head, 'gone', {}}
+end
+if after == head then
+  return {epoch, head, 'changes', {}}
+end
+local first = string.format('%d-0', after + 1)
+local entries = redis.call('XRANGE', KEYS[3], first, '+', 'COUNT', ARGV[5])
+if #entries == 0 or entries[1][1] ~= first then
+  return {epoch, head, 'gone', {}}
+end
+return {epoch, head, 'changes', log_values(entries)}
+";
+
+/// `StateMachine::decide` and `commit` in one step. ARGV[4]: 'put' | 'delete'; 5: worker;
+/// 6: version; 7: checksum; 8: size; 9: timestamp ms; 10: retain; 11: hint channel.
+/// Returns epoch, head, status, payload (the change record, or the existing checksum).
+const APPLY: &str = r"
+local worker = ARGV[5]
+local current = redis.call('HGET', KEYS[5], worker)
+local latest = nil
+if current then
+  local ok, decoded = pcall(cjson.decode, current)
+  if not ok or type(decoded) ~= 'table' then
+    return redis.error_reply('WPCORRUPT latest record of ' .. worker .. ' does not decode')
+  end
+  latest = decoded
+end
+local kind, version, checksum, size
+if ARGV[4] == 'put' then
+  kind, version, checksum, size = 'put', ARGV[6], ARGV[7], ARGV[8]
+  local known = redis.call('HGET', KEYS[4], worker .. '/' .. version)
+  if known and known ~= checksum then
+    return {epoch, head, 'conflict', known}
+  end
+  if latest and latest.v == version then
+    return {epoch, head, 'unchanged', current}
+  end
+else
+  if not latest then
+    return {epoch, head, 'notfound', ''}
+  end
+  kind, version, checksum, size = 'delete', latest.v, latest.c, latest.s
+end
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local expected_last = head > 0 and string.format('%d-0', head) or nil
+if (last[1] and last[1][1]) ~= expected_last then
+  return redis.error_reply('WPCORRUPT log does not end at head ' .. string.format('%d', head))
+end
+local revision = head + 1
+local record = cjson.encode({r = string.format('%d', revision), k = kind, w = worker,
+  v = version, c = checksum, s = size, t = ARGV[9]})
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[10], string.format('%d-0', revision), 'c', record)
+redis.call('SET', KEYS[2], string.format('%d', revision))
+if kind == 'put' then
+  redis.call('HSET', KEYS[4], worker .. '/' .. version, checksum)
+  redis.call('HSET', KEYS[5], worker, record)
+else
+  redis.call('HDEL', KEYS[5], worker)
+end
+redis.call('PUBLISH', ARGV[11], string.format('%d', revision))
+return {epoch, revision, 'committed', record}
+";
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        process::Stdio,
+        sync::Arc,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+    use crate::store::conformance::{self, put};
+
+    const REDIS: &str = "redis://127.0.0.1:6379";
+
+    fn config(url: &str, prefix: &str) -> RedisConfig {
+        RedisConfig {
+            url: url.to_owned(),
+            key_prefix: prefix.to_owned(),
+            retain: 1000,
+            connect_timeout: Duration::from_millis(500),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn fresh_prefix() -> String {
+        format!("wptest-{}", hex::encode(rand::random::<[u8; 6]>()))
+    }
+
+    fn open(url: &str, prefix: &str) -> RedisStore {
+        RedisStore::connect(config(url, prefix)).unwrap()
+    }
+
+    /// Deletes every key under `prefix`.
+    async fn remove_keys(url: &str, prefix: &str) {
+        let client = Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn committed(store: &RedisStore, worker: &str, version: &str) -> Revision {
+        match store
+            .apply(put(worker, version, version.as_bytes()), 1)
+            .await
+            .unwrap()
+        {
+            Outcome::Committed(change) => change.revision,
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    /// Commits through `from` until `to` hints at that very revision: the subscription of
+    /// `to` may still be coming up, and a hint published before it listens is lost by design.
+    async fn hint_travels(from: &RedisStore, to: &RedisStore, worker: &str) {
+        let mut hint = to.head_hint();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for attempt in 0.. {
+            assert!(Instant::now() < deadline, "no hint crossed between stores");
+            let revision = committed(from, worker, &format!("h{attempt}")).await;
+            let arrived = tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    if *hint.borrow_and_update() == revision {
+                        return;
+                    }
+                    if hint.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if arrived.is_ok() && *hint.borrow() == revision {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_store_passes_the_conformance_suite() {
+        let prefixes = Arc::new(Mutex::new(Vec::new()));
+        let made = prefixes.clone();
+        conformance::run_all(move || {
+            let prefix = fresh_prefix();
+            made.lock().unwrap().push(prefix.clone());
+            async move { open(REDIS, &prefix) }
+        })
+        .await;
+        let prefixes = prefixes.lock().unwrap().clone();
+        for prefix in prefixes {
+            remove_keys(REDIS, &prefix).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_store_survives_reopen() {
+        let prefix = fresh_prefix();
+        conformance::survives_reopen(open(REDIS, &prefix), |first| {
+            drop(first);
+            open(REDIS, &prefix)
+        })
+        .await;
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    /// Applies per second for 1000 concurrent puts spread over `stores`.
+    async fn throughput(stores: &[Arc<RedisStore>], tag: &str) -> f64 {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..1000 {
+            let store = stores[i % stores.len()].clone();
+            let version = format!("{tag}-{i}");
+            tasks.push(tokio::spawn(async move {
+                store
+                    .apply(put(&format!("t{}", i % 50), &version, b"z"), 1)
+                    .await
+            }));
+        }
+        for task in tasks {
+            assert!(matches!(task.await.unwrap(), Ok(Outcome::Committed(_))));
+        }
+        1000.0 / started.elapsed().as_secs_f64()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_on_one_prefix_share_one_gap_free_order_and_hints() {
+        let prefix = fresh_prefix();
+        let stores = [
+            Arc::new(open(REDIS, &prefix)),
+            Arc::new(open(REDIS, &prefix)),
+        ];
+        let epoch = stores[0].load().await.unwrap().epoch;
+        assert_eq!(stores[1].load().await.unwrap().epoch, epoch);
+
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let store = stores[i % 2].clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .apply(put(&format!("w{}", i % 10), &i.to_string(), b"x"), 1)
+                    .await
+            }));
+        }
+        let mut revisions = Vec::new();
+        for task in tasks {
+            match task.await.unwrap().unwrap() {
+                Outcome::Committed(change) => revisions.push(change.revision),
+                other => panic!("{other:?}"),
+            }
+        }
+        revisions.sort_unstable();
+        assert_eq!(revisions, (1..=200).collect::<Vec<_>>());
+        let state = stores[1].load().await.unwrap();
+        assert_eq!(
+            (state.head, state.latest.len(), state.tail.len()),
+            (200, 10, 200)
+        );
+
+        let one = throughput(&stores[..1], "one").await;
+        let two = throughput(&stores, "two").await;
+        println!(
+            "redis applies (debug build, 1000 concurrent puts): one store {one:.0}/s, two stores {two:.0}/s"
+        );
+
+        hint_travels(&stores[0], &stores[1], "hinted-a-to-b").await;
+        hint_travels(&stores[1], &stores[0], "hinted-b-to-a").await;
+        drop(stores);
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn trimmed_changes_are_gone_and_retained_ones_contiguous() {
+        let prefix = fresh_prefix();
+        let store = RedisStore::connect(RedisConfig {
+            retain: 5,
+            ..config(REDIS, &prefix)
+        })
+        .unwrap();
+        for i in 0..20 {
+            committed(&store, "a", &i.to_string()).await;
+        }
+        assert!(matches!(
+            store.changes_after(3, 100).await.unwrap(),
+            Tail::Gone { .. }
+        ));
+        assert!(matches!(
+            store.changes_after(14, 100).await.unwrap(),
+            Tail::Gone { .. }
+        ));
+        let Tail::Changes { changes, .. } = store.changes_after(15, 100).await.unwrap() else {
+            panic!("16 is retained");
+        };
+        assert_eq!(
+            changes.iter().map(|c| c.revision).collect::<Vec<_>>(),
+            [16, 17, 18, 19, 20]
+        );
+        let state = store.load().await.unwrap();
+        assert_eq!(state.tail.len(), 5);
+        assert_eq!(state.tail[0].revision, 16);
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_answers_unavailable_within_the_timeout() {
+        let port = free_port();
+        let mut config = config(&format!("redis://127.0.0.1:{port}"), &fresh_prefix());
+        config.response_timeout = Duration::from_millis(800);
+        let store = RedisStore::connect(config).unwrap();
+        let started = Instant::now();
+        let result = store.apply(put("a", "1", b"x"), 1).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(matches!(
+            store.load().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(started.elapsed() < Duration::from_millis(2 * 800 + 500));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_stops_its_hint_task() {
+        let store = open(REDIS, &fresh_prefix());
+        let mut hint = store.head_hint();
+        drop(store);
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            while hint.changed().await.is_ok() {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the hint task still holds its sender");
+    }
+
+    #[tokio::test]
+    async fn an_invalid_url_is_refused_at_connect() {
+        assert!(RedisStore::connect(config("http://nope", "p")).is_err());
+    }
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    /// A private, unpersisted `redis-server` on `port`, answering PING when this returns.
+    async fn start_redis(port: u16) -> tokio::process::Child {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let client = Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+                {
+                    return child;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            // Polling interval while the server starts, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn store_recovers_with_a_new_epoch_after_redis_restarts_empty() {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("redis-server not installed; skipping");
+            return;
+        }
+        let port = free_port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let mut server = start_redis(port).await;
+        let prefix = fresh_prefix();
+        let mut config = config(&url, &prefix);
+        config.response_timeout = Duration::from_millis(800);
+        let (a, b) = (
+            RedisStore::connect(config.clone()).unwrap(),
+            RedisStore::connect(config.clone()).unwrap(),
+        );
+        let before = a.load().await.unwrap().epoch;
+        assert_eq!(committed(&a, "a", "1").await, 1);
+        hint_travels(&b, &a, "before").await;
+
+        server.kill().await.unwrap();
+        let started = Instant::now();
+        let result = a.apply(put("a", "2", b"2"), 1).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+
+        let _server = start_redis(port).await;
+        let state = a.load().await.unwrap();
+        assert_ne!(state.epoch, before, "history lost: new epoch");
+        assert_eq!((state.head, state.latest.len()), (0, 0));
+        assert_eq!(committed(&a, "a", "3").await, 1);
+        assert!(matches!(
+            b.changes_after(1, 10).await.unwrap(),
+            Tail::Changes { epoch, changes } if epoch == state.epoch && changes.is_empty()
+        ));
+        hint_travels(&b, &a, "after").await;
+    }
+
+    #[tokio::test]
+    async fn same_epoch_with_a_shorter_history_becomes_a_new_epoch() {
+        let prefix = fresh_prefix();
+        let store = open(REDIS, &prefix);
+        let before = store.load().await.unwrap().epoch;
+        committed(&store, "a", "1").await;
+        committed(&store, "a", "2").await;
+        // Redis restored from an older snapshot: the epoch survived, the last change did not.
+        let client = Client::open(REDIS).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(format!("{prefix}:head"))
+            .arg(1)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}:log"))
+            .query_async::<redis::Value>(&mut connection)
+            .await
+            .map(drop)
+            .unwrap();
+        let _: () = redis::cmd("XADD")
+            .arg(format!("{prefix}:log"))
+            .arg("1-0")
+            .arg("c")
+            .arg(
+                serde_json::json!({"r":"1","k":"put","w":"a","v":"1",
+                    "c": Checksum::of(b"1").as_str(),"s":"1","t":"1"})
+                .to_string(),
+            )
+            .query_async::<redis::Value>(&mut connection)
+            .await
+            .map(drop)
+            .unwrap();
+        match store.changes_after(2, 10).await.unwrap() {
+            Tail::Gone { epoch } => assert_ne!(epoch, before),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            committed(&store, "a", "3").await,
+            2,
+            "a revision in the new epoch"
+        );
+        remove_keys(REDIS, &prefix).await;
+    }
+}
