@@ -163,8 +163,7 @@ async fn start_core(
                 key_prefix: args.redis_key_prefix.clone(),
                 retain: config.retain_changes,
                 ..RedisConfig::default()
-            })
-            .await?,
+            })?,
         ),
         None => Arc::new(FileStore::open(&args.data_dir, config.retain_changes).await?),
     };

@@ -205,6 +205,7 @@ impl Core {
         if let Some(follower) = follower {
             let _ = follower.await;
         }
+        self.store.close().await;
     }
 
     /// Whether the core is shutting down.

@@ -365,6 +365,10 @@ impl Store for FileStore {
             .cloned()
             .collect())
     }
+
+    async fn close(&self) {
+        FileStore::close(self).await;
+    }
 }
 
 impl Shared {

@@ -190,6 +190,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every consumer the registry knows.
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError>;
+
+    /// Flushes what is buffered and stops background work (shutdown). Nothing committed is
+    /// ever buffered: this concerns the consumer registry only.
+    async fn close(&self) {}
 }
 
 #[cfg(test)]
