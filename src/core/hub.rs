@@ -147,12 +147,11 @@ impl Hub {
     /// Returns `false` (appending nothing) if they do not follow the head.
     pub fn append(&self, entries: Vec<Arc<Entry>>) -> bool {
         let mut state = self.write();
-        let mut expected = state.head + 1;
-        for entry in &entries {
-            if entry.change.revision != expected {
-                return false;
-            }
-            expected += 1;
+        let follows = (state.head + 1..)
+            .zip(&entries)
+            .all(|(expected, entry)| entry.change.revision == expected);
+        if !follows {
+            return false;
         }
         for entry in entries {
             state.push(entry);
@@ -304,10 +303,10 @@ impl HubState {
 
     /// A put of `version` of `worker` that is latest or still in the log.
     pub fn find_version(&self, worker: &WorkerName, version: &Version) -> Option<Arc<Entry>> {
-        if let Some(entry) = self.latest.get(worker) {
-            if &entry.change.version == version {
-                return Some(entry.clone());
-            }
+        if let Some(entry) = self.latest.get(worker)
+            && &entry.change.version == version
+        {
+            return Some(entry.clone());
         }
         self.log
             .iter()

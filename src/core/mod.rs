@@ -257,13 +257,13 @@ impl Core {
             });
         }
         let checksum = Checksum::of(&code);
-        if let Some(given) = expected {
-            if given != checksum {
-                return Err(PublishError::ChecksumMismatch {
-                    given,
-                    actual: checksum,
-                });
-            }
+        if let Some(given) = expected
+            && given != checksum
+        {
+            return Err(PublishError::ChecksumMismatch {
+                given,
+                actual: checksum,
+            });
         }
         self.store.put_bundle(&checksum, code.clone()).await?;
         let inline = size <= self.config.inline_max_bytes;
@@ -281,12 +281,11 @@ impl Core {
         if inline {
             lock(&self.fresh_code).remove(&checksum);
         }
-        result.map(|published| {
+        result.inspect(|published| {
             if published.created {
                 metrics::counter!("workerpush_changes_published_total", "kind" => "put")
                     .increment(1);
             }
-            published
         })
     }
 

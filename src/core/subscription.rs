@@ -223,11 +223,11 @@ impl Subscription {
 
     /// After a replay reaches the head it started from: SYNCED with that head.
     fn fill_replay_if_done(&mut self) {
-        if let Some(target) = self.sync_target {
-            if self.cursor >= target {
-                self.sync_target = None;
-                self.push_synced(target);
-            }
+        if let Some(target) = self.sync_target
+            && self.cursor >= target
+        {
+            self.sync_target = None;
+            self.push_synced(target);
         }
     }
 
