@@ -36,7 +36,9 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
-        let value = iter.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = iter
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.trim_start_matches('-') {
             "addr" => args.addr = value,
             "consumer-id" => args.consumer_id = value,
@@ -73,13 +75,19 @@ impl Handler for Printer {
     }
 
     async fn delete(&mut self, update: &WorkerUpdate) -> Result<(), String> {
-        println!("DELETE {} (revision {})", update.worker_name, update.revision);
+        println!(
+            "DELETE {} (revision {})",
+            update.worker_name, update.revision
+        );
         Ok(())
     }
 
     async fn synced(&mut self, update: &WorkerUpdate, snapshot: Option<&BTreeSet<String>>) {
         match snapshot {
-            Some(names) => println!("SYNCED at {} after a full snapshot of {names:?}", update.revision),
+            Some(names) => println!(
+                "SYNCED at {} after a full snapshot of {names:?}",
+                update.revision
+            ),
             None => println!("SYNCED at {}", update.revision),
         }
     }

@@ -64,15 +64,25 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
     if args.dev {
         let report = tls::ensure_dev(&args.core.common.certs_dir, tls::pki::DEV_CLIENT)?;
         if report.changed() {
-            println!("workerpush: made dev certificates in {}", args.core.common.certs_dir.display());
+            println!(
+                "workerpush: made dev certificates in {}",
+                args.core.common.certs_dir.display()
+            );
         }
         let secrets = dev_secrets(&args.core.common.certs_dir)?;
-        args.core.common.hook_secret.get_or_insert(secrets.hook_secret);
+        args.core
+            .common
+            .hook_secret
+            .get_or_insert(secrets.hook_secret);
         args.upload_token.get_or_insert(secrets.upload_token);
     }
     let hook_secret = required(&args.core.common.hook_secret, "HOOK_SECRET (--hook-secret)")?;
     let upload_token = required(&args.upload_token, "UPLOAD_TOKEN (--upload-token)")?;
-    let admin_token = args.core.admin_token.clone().unwrap_or_else(|| upload_token.clone());
+    let admin_token = args
+        .core
+        .admin_token
+        .clone()
+        .unwrap_or_else(|| upload_token.clone());
     let mut tasks = JoinSet::new();
     let accept = CancellationToken::new();
     let core = start_core(&args.core, &hook_secret, &admin_token, &accept, &mut tasks).await?;
@@ -92,7 +102,14 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
         print_dev_help(&args.core.common.certs_dir, core.grpc_addr, upload_addr);
     }
     println!("workerpush: ready");
-    drain(shutdown, accept, Some(core.core), tasks, args.core.common.grace).await;
+    drain(
+        shutdown,
+        accept,
+        Some(core.core),
+        tasks,
+        args.core.common.grace,
+    )
+    .await;
     Ok(())
 }
 
@@ -116,8 +133,9 @@ pub async fn core(args: CoreArgs, shutdown: CancellationToken) -> Result<(), App
 pub async fn upload(args: UploadArgs, shutdown: CancellationToken) -> Result<(), AppError> {
     let hook_secret = required(&args.common.hook_secret, "HOOK_SECRET (--hook-secret)")?;
     let upload_token = required(&args.upload_token, "UPLOAD_TOKEN (--upload-token)")?;
-    let core_url = reqwest::Url::parse(&args.grpc_server_url)
-        .map_err(|e| AppError::Config(format!("GRPC_SERVER_URL {:?}: {e}", args.grpc_server_url)))?;
+    let core_url = reqwest::Url::parse(&args.grpc_server_url).map_err(|e| {
+        AppError::Config(format!("GRPC_SERVER_URL {:?}: {e}", args.grpc_server_url))
+    })?;
     let mut tasks = JoinSet::new();
     let accept = CancellationToken::new();
     start_upload(
@@ -157,14 +175,12 @@ async fn start_core(
         ..CoreConfig::default()
     };
     let store: Arc<dyn Store> = match &args.redis_url {
-        Some(url) => Arc::new(
-            RedisStore::connect(RedisConfig {
-                url: url.clone(),
-                key_prefix: args.redis_key_prefix.clone(),
-                retain: config.retain_changes,
-                ..RedisConfig::default()
-            })?,
-        ),
+        Some(url) => Arc::new(RedisStore::connect(RedisConfig {
+            url: url.clone(),
+            key_prefix: args.redis_key_prefix.clone(),
+            retain: config.retain_changes,
+            ..RedisConfig::default()
+        })?),
         None => Arc::new(FileStore::open(&args.data_dir, config.retain_changes).await?),
     };
     let core = Core::open(store, config).await?;
@@ -184,13 +200,15 @@ async fn start_core(
     let grpc_core = core.clone();
     let grpc_accept = accept.clone();
     tasks.spawn(async move {
-        if let Err(error) = grpc::serve(grpc_listener, grpc_tls, grpc_core, limits, grpc_accept).await {
+        if let Err(error) =
+            grpc::serve(grpc_listener, grpc_tls, grpc_core, limits, grpc_accept).await
+        {
             tracing::error!(%error, "grpc server failed");
         }
     });
 
-    let router = http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes()))
-        .merge(metrics_router());
+    let router =
+        http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes())).merge(metrics_router());
     let http_accept = accept.clone();
     tasks.spawn(async move {
         if let Err(error) = http::serve(http_listener, router, http_accept).await {
@@ -251,10 +269,8 @@ async fn drain(
     if let Some(core) = core {
         core.shutdown().await;
     }
-    let joined = tokio::time::timeout(grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let joined =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if joined.is_err() {
         tracing::warn!("grace period over; cutting off what is left");
         tasks.abort_all();
@@ -301,7 +317,10 @@ fn metrics_router() -> axum::Router {
             let handle = handle.clone();
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
                     handle.map(|h| h.render()).unwrap_or_default(),
                 )
             }
@@ -319,7 +338,9 @@ async fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
 fn required(value: &Option<String>, what: &str) -> Result<String, AppError> {
     match value.as_deref() {
         Some(v) if !v.is_empty() => Ok(v.to_owned()),
-        _ => Err(AppError::Config(format!("{what} is required (or run `serve --dev`)"))),
+        _ => Err(AppError::Config(format!(
+            "{what} is required (or run `serve --dev`)"
+        ))),
     }
 }
 
@@ -351,7 +372,9 @@ fn dev_secrets(certs_dir: &Path) -> Result<DevSecrets, AppError> {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        if let (Some(hook_secret), Some(upload_token)) = (value("HOOK_SECRET"), value("UPLOAD_TOKEN")) {
+        if let (Some(hook_secret), Some(upload_token)) =
+            (value("HOOK_SECRET"), value("UPLOAD_TOKEN"))
+        {
             return Ok(DevSecrets {
                 hook_secret,
                 upload_token,

@@ -149,10 +149,18 @@ pub struct WatchArgs {
     #[arg(long, env = "WATCH_CA", default_value = "certs/ca.pem")]
     pub ca: PathBuf,
     /// Client certificate.
-    #[arg(long, env = "WATCH_CERT", default_value = "certs/clients/consumer-1.pem")]
+    #[arg(
+        long,
+        env = "WATCH_CERT",
+        default_value = "certs/clients/consumer-1.pem"
+    )]
     pub cert: PathBuf,
     /// Client key.
-    #[arg(long, env = "WATCH_KEY", default_value = "certs/clients/consumer-1-key.pem")]
+    #[arg(
+        long,
+        env = "WATCH_KEY",
+        default_value = "certs/clients/consumer-1-key.pem"
+    )]
     pub key: PathBuf,
     /// Consumer id (empty: the certificate identity; or `identity/suffix`).
     #[arg(long, env = "CONSUMER_ID", default_value = "")]

@@ -32,7 +32,12 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), Cli
     let position = read_position(&args.out);
     let options = ConsumerOptions {
         consumer_id: args.consumer_id.clone(),
-        workers: args.workers.iter().filter(|w| !w.is_empty()).cloned().collect(),
+        workers: args
+            .workers
+            .iter()
+            .filter(|w| !w.is_empty())
+            .cloned()
+            .collect(),
         ack: true,
         ..ConsumerOptions::default()
     };
@@ -60,7 +65,9 @@ async fn run_with<T: Transport>(
     handler: &mut WatchHandler,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
-    Consumer::new(transport, options, position).run(handler, shutdown).await
+    Consumer::new(transport, options, position)
+        .run(handler, shutdown)
+        .await
 }
 
 struct WatchHandler {
@@ -103,7 +110,10 @@ impl WatchHandler {
                     update.size,
                     note.map(|n| format!(" error={n:?}")).unwrap_or_default()
                 ),
-                _ => format!("{kind:<6} revision={} epoch={}", update.revision, update.epoch),
+                _ => format!(
+                    "{kind:<6} revision={} epoch={}",
+                    update.revision, update.epoch
+                ),
             }
         };
         let mut stdout = std::io::stdout().lock();
@@ -149,14 +159,14 @@ impl Handler for WatchHandler {
     }
 
     async fn synced(&mut self, update: &WorkerUpdate, snapshot: Option<&BTreeSet<String>>) {
-        if let Some(keep) = snapshot {
-            if let Ok(entries) = std::fs::read_dir(&self.out) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let is_worker = WorkerName::parse(&name).is_ok() && entry.path().is_dir();
-                    if is_worker && !keep.contains(&name) {
-                        let _ = std::fs::remove_dir_all(entry.path());
-                    }
+        if let Some(keep) = snapshot
+            && let Ok(entries) = std::fs::read_dir(&self.out)
+        {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_worker = WorkerName::parse(&name).is_ok() && entry.path().is_dir();
+                if is_worker && !keep.contains(&name) {
+                    let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
         }
@@ -164,10 +174,10 @@ impl Handler for WatchHandler {
     }
 
     async fn position(&mut self, position: &Position) {
-        if let Ok(text) = serde_json::to_vec(position) {
-            if let Err(error) = write_atomic(&self.out.join(POSITION_FILE), &text) {
-                tracing::warn!(%error, "could not save the resume position");
-            }
+        if let Ok(text) = serde_json::to_vec(position)
+            && let Err(error) = write_atomic(&self.out.join(POSITION_FILE), &text)
+        {
+            tracing::warn!(%error, "could not save the resume position");
         }
     }
 

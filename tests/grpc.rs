@@ -58,18 +58,32 @@ async fn subscribers_get_exactly_their_changes_with_verified_code() {
     until_synced(&mut only_a).await;
 
     let big = vec![b'x'; 100_000];
-    for (worker, version, code) in [("a", "1", &b"a-one"[..]), ("b", "1", b"b-one"), ("a", "2", &big)] {
+    for (worker, version, code) in [
+        ("a", "1", &b"a-one"[..]),
+        ("b", "1", b"b-one"),
+        ("a", "2", &big),
+    ] {
         let (status, body) = hook_put(server.addr("http"), &secret, worker, version, code).await;
         assert_eq!(status, 201, "{body}");
     }
-    let seen: Vec<_> = [next(&mut all).await, next(&mut all).await, next(&mut all).await].to_vec();
+    let seen: Vec<_> = [
+        next(&mut all).await,
+        next(&mut all).await,
+        next(&mut all).await,
+    ]
+    .to_vec();
     assert_eq!(
-        seen.iter().map(|u| (u.worker_name.as_str(), u.version.as_str(), u.revision)).collect::<Vec<_>>(),
+        seen.iter()
+            .map(|u| (u.worker_name.as_str(), u.version.as_str(), u.revision))
+            .collect::<Vec<_>>(),
         [("a", "1", 1), ("b", "1", 2), ("a", "2", 3)]
     );
     assert_eq!(seen[0].worker_code, &b"a-one"[..]);
     assert_eq!(seen[0].checksum, sha256(b"a-one"));
-    assert!(seen[2].worker_code.is_empty(), "over the inline limit: fetch it");
+    assert!(
+        seen[2].worker_code.is_empty(),
+        "over the inline limit: fetch it"
+    );
     assert_eq!(seen[2].size, 100_000);
 
     let a1 = next(&mut only_a).await;
@@ -77,7 +91,10 @@ async fn subscribers_get_exactly_their_changes_with_verified_code() {
     assert_eq!((a1.revision, a2.revision), (1, 3));
 
     let (checksum, code) = session
-        .fetch(FetchWorkerRequest { worker_name: "a".into(), version: "2".into() })
+        .fetch(FetchWorkerRequest {
+            worker_name: "a".into(),
+            version: "2".into(),
+        })
         .await
         .unwrap();
     assert_eq!(checksum, sha256(&big));
@@ -87,7 +104,11 @@ async fn subscribers_get_exactly_their_changes_with_verified_code() {
     let listing = session.list(ListWorkersRequest::default()).await.unwrap();
     assert_eq!(listing.revision, 3);
     assert_eq!(
-        listing.workers.iter().map(|w| (w.worker_name.as_str(), w.version.as_str())).collect::<Vec<_>>(),
+        listing
+            .workers
+            .iter()
+            .map(|w| (w.worker_name.as_str(), w.version.as_str()))
+            .collect::<Vec<_>>(),
         [("b", "1"), ("a", "2")]
     );
     assert!(listing.workers.iter().all(|w| w.worker_code.is_empty()));
@@ -103,27 +124,58 @@ async fn resume_replays_missed_changes_and_stale_positions_reset() {
     hook_put(http, &secret, "a", "1", b"a1").await;
     let mut stream = session.subscribe(subscribe(&[], "", 0)).await.unwrap();
     let (snapshot, head) = until_synced(&mut stream).await;
-    assert_eq!((snapshot.len(), head), (2, 1), "RESET + one PUT, SYNCED at 1");
+    assert_eq!(
+        (snapshot.len(), head),
+        (2, 1),
+        "RESET + one PUT, SYNCED at 1"
+    );
     let epoch = snapshot[0].epoch.clone();
     drop(stream);
 
     for i in 2..=6 {
-        hook_put(http, &secret, "a", &i.to_string(), format!("a{i}").as_bytes()).await;
+        hook_put(
+            http,
+            &secret,
+            "a",
+            &i.to_string(),
+            format!("a{i}").as_bytes(),
+        )
+        .await;
     }
     let mut resumed = session.subscribe(subscribe(&[], &epoch, 1)).await.unwrap();
     let (replayed, synced) = until_synced(&mut resumed).await;
-    assert_eq!(replayed.iter().map(|u| u.revision).collect::<Vec<_>>(), [2, 3, 4, 5, 6]);
-    assert!(replayed.iter().all(|u| kind(u) == UpdateKind::Put && u.epoch == epoch));
+    assert_eq!(
+        replayed.iter().map(|u| u.revision).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6]
+    );
+    assert!(
+        replayed
+            .iter()
+            .all(|u| kind(u) == UpdateKind::Put && u.epoch == epoch)
+    );
     assert_eq!(synced, 6);
 
     for (bad_epoch, revision) in [("not-the-epoch", 3), (epoch.as_str(), 1)] {
         for i in 7..=16 {
-            hook_put(http, &secret, "b", &format!("{bad_epoch}-{i}").replace(' ', ""), b"b").await;
+            hook_put(
+                http,
+                &secret,
+                "b",
+                &format!("{bad_epoch}-{i}").replace(' ', ""),
+                b"b",
+            )
+            .await;
         }
-        let mut stale = session.subscribe(subscribe(&[], bad_epoch, revision)).await.unwrap();
+        let mut stale = session
+            .subscribe(subscribe(&[], bad_epoch, revision))
+            .await
+            .unwrap();
         let (updates, _) = until_synced(&mut stale).await;
         assert_eq!(kind(&updates[0]), UpdateKind::Reset);
-        let state: BTreeMap<_, _> = updates[1..].iter().map(|u| (u.worker_name.clone(), u.version.clone())).collect();
+        let state: BTreeMap<_, _> = updates[1..]
+            .iter()
+            .map(|u| (u.worker_name.clone(), u.version.clone()))
+            .collect();
         assert_eq!(state.len(), 2);
         assert_eq!(state["a"], "6");
     }
@@ -144,10 +196,20 @@ async fn deleted_worker_disappears_for_a_consumer_that_was_offline() {
     drop(stream);
     let (status, body) = hook_delete(http, &secret, "a").await;
     assert_eq!(status, 200, "{body}");
-    let mut resumed = session.subscribe(subscribe(&[], &epoch, head)).await.unwrap();
+    let mut resumed = session
+        .subscribe(subscribe(&[], &epoch, head))
+        .await
+        .unwrap();
     let (updates, _) = until_synced(&mut resumed).await;
     assert_eq!(updates.len(), 1);
-    assert_eq!((kind(&updates[0]), updates[0].worker_name.as_str(), updates[0].version.as_str()), (UpdateKind::Delete, "a", "1"));
+    assert_eq!(
+        (
+            kind(&updates[0]),
+            updates[0].worker_name.as_str(),
+            updates[0].version.as_str()
+        ),
+        (UpdateKind::Delete, "a", "1")
+    );
     assert_eq!(hook_delete(http, &secret, "a").await.0, 404);
 }
 
@@ -159,7 +221,14 @@ async fn accepted_changes_survive_kill_9() {
     let http = server.addr("http");
     let mut accepted = Vec::new();
     for i in 0..20 {
-        let (status, body) = hook_put(http, &secret, &format!("w{}", i % 5), &i.to_string(), format!("code {i}").as_bytes()).await;
+        let (status, body) = hook_put(
+            http,
+            &secret,
+            &format!("w{}", i % 5),
+            &i.to_string(),
+            format!("code {i}").as_bytes(),
+        )
+        .await;
         assert_eq!(status, 201, "{body}");
         accepted.push(body);
     }
@@ -170,14 +239,24 @@ async fn accepted_changes_survive_kill_9() {
     let listing = session.list(ListWorkersRequest::default()).await.unwrap();
     assert_eq!(listing.epoch, epoch, "same epoch after kill -9");
     assert_eq!(listing.revision, 20);
-    let versions: BTreeMap<_, _> = listing.workers.iter().map(|w| (w.worker_name.clone(), (w.version.clone(), w.revision))).collect();
+    let versions: BTreeMap<_, _> = listing
+        .workers
+        .iter()
+        .map(|w| (w.worker_name.clone(), (w.version.clone(), w.revision)))
+        .collect();
     for i in 15..20u64 {
         assert_eq!(versions[&format!("w{}", i % 5)], (i.to_string(), i + 1));
     }
     // Revisions are never reused: the next change follows 20.
     let (status, body) = hook_put(server.addr("http"), &secret, "w0", "new", b"new").await;
     assert_eq!((status, body["revision"].as_u64()), (201, Some(21)));
-    let (_, code) = session.fetch(FetchWorkerRequest { worker_name: "w3".into(), version: String::new() }).await.unwrap();
+    let (_, code) = session
+        .fetch(FetchWorkerRequest {
+            worker_name: "w3".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap();
     assert_eq!(code, &b"code 18"[..]);
 }
 
@@ -210,15 +289,26 @@ async fn identities_are_bound_to_certificates_and_bad_certificates_are_refused()
         ("no client certificate", None),
         ("another CA", Some(other)),
         ("CA certificate as leaf", Some((ca_cert, ca_key))),
-        ("self-signed", Some(TestPki::invalid_client_self_signed("consumer-1"))),
+        (
+            "self-signed",
+            Some(TestPki::invalid_client_self_signed("consumer-1")),
+        ),
         ("test CA unknown to server", Some(pki.client("consumer-1"))),
     ];
     for (case, identity) in cases {
         let config = match &identity {
-            Some((cert, key)) => tls::client_config_from_pem(&ca, cert.as_bytes(), key.as_bytes(), ClientTlsPurpose::Grpc).unwrap(),
+            Some((cert, key)) => tls::client_config_from_pem(
+                &ca,
+                cert.as_bytes(),
+                key.as_bytes(),
+                ClientTlsPurpose::Grpc,
+            )
+            .unwrap(),
             None => no_client_cert_config(&ca),
         };
-        let transport = workerpush::client::GrpcTransport::new(&format!("localhost:{}", grpc.port()), config).unwrap();
+        let transport =
+            workerpush::client::GrpcTransport::new(&format!("localhost:{}", grpc.port()), config)
+                .unwrap();
         let refused = match workerpush::client::Transport::connect(&transport).await {
             Err(_) => true,
             // With TLS 1.3 the refusal may only show on the first call.

@@ -27,18 +27,40 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
     let pki = TestPki::new();
     pki.write_to(&dir.path().join("certs")).unwrap();
     let server_tls = ServerTls::load(&dir.path().join("certs")).unwrap();
-    let store = FileStore::open(&dir.path().join("data"), 2_000).await.unwrap();
-    let config = CoreConfig { retain_changes: 2_000, ..CoreConfig::default() };
+    let store = FileStore::open(&dir.path().join("data"), 2_000)
+        .await
+        .unwrap();
+    let config = CoreConfig {
+        retain_changes: 2_000,
+        ..CoreConfig::default()
+    };
     let core = Core::open(Arc::new(store), config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    let server = tokio::spawn(grpc::serve(listener, server_tls.grpc_config(), core.clone(), GrpcLimits::default(), stop.clone()));
+    let server = tokio::spawn(grpc::serve(
+        listener,
+        server_tls.grpc_config(),
+        core.clone(),
+        GrpcLimits::default(),
+        stop.clone(),
+    ));
 
     let (cert, key) = pki.client("consumer-1");
-    let client_tls = tls::client_config_from_pem(pki.ca_pem().as_bytes(), cert.as_bytes(), key.as_bytes(), ClientTlsPurpose::Grpc).unwrap();
+    let client_tls = tls::client_config_from_pem(
+        pki.ca_pem().as_bytes(),
+        cert.as_bytes(),
+        key.as_bytes(),
+        ClientTlsPurpose::Grpc,
+    )
+    .unwrap();
     let transport = GrpcTransport::new(&format!("localhost:{}", addr.port()), client_tls).unwrap();
-    let subscribe = || SubscribeRequest { consumer_id: String::new(), worker_names: vec![], resume_revision: 0, epoch: String::new() };
+    let subscribe = || SubscribeRequest {
+        consumer_id: String::new(),
+        worker_names: vec![],
+        resume_revision: 0,
+        epoch: String::new(),
+    };
 
     // Separate connections, as separate edge hosts would have.
     let stalled_session = transport.connect().await.unwrap();
@@ -48,7 +70,10 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
     for stream in [&mut stalled, &mut live] {
         let reset = stream.next().await.unwrap().unwrap();
         assert_eq!(reset.kind, UpdateKind::Reset as i32);
-        assert_eq!(stream.next().await.unwrap().unwrap().kind, UpdateKind::Synced as i32);
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().kind,
+            UpdateKind::Synced as i32
+        );
     }
 
     let reader = tokio::spawn(async move {
@@ -67,7 +92,14 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
                 for i in (p..CHANGES).step_by(32) {
                     let worker = WorkerName::parse(&format!("w{}", i % WORKERS)).unwrap();
                     let code = Bytes::from(format!("export default {i}; // {}", "x".repeat(200)));
-                    core.publish(worker, Version::parse(&format!("v{i}")).unwrap(), code, None).await.unwrap();
+                    core.publish(
+                        worker,
+                        Version::parse(&format!("v{i}")).unwrap(),
+                        code,
+                        None,
+                    )
+                    .await
+                    .unwrap();
                 }
             })
         })
@@ -76,17 +108,27 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
         publisher.await.unwrap();
     }
     // The live reader got all 10,000 while the stalled one has not read anything since SYNCED.
-    let _live = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("live reader not delayed").unwrap();
+    let _live = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("live reader not delayed")
+        .unwrap();
 
     // Now the stalled reader reads again: replay or RESET + snapshot, ending at the head.
     let mut state: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut synced_at = 0;
     while synced_at < CHANGES {
-        let update = tokio::time::timeout(Duration::from_secs(30), stalled.next()).await.unwrap().unwrap().unwrap();
+        let update = tokio::time::timeout(Duration::from_secs(30), stalled.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match UpdateKind::try_from(update.kind).unwrap() {
             UpdateKind::Reset => state.clear(),
             UpdateKind::Put => {
-                assert_eq!(workerpush::core::Checksum::of(&update.worker_code).as_str(), update.checksum);
+                assert_eq!(
+                    workerpush::core::Checksum::of(&update.worker_code).as_str(),
+                    update.checksum
+                );
                 state.insert(update.worker_name, (update.version, update.checksum));
             }
             UpdateKind::Delete => {
@@ -107,5 +149,9 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
 
     stop.cancel();
     core.shutdown().await;
-    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -27,9 +27,20 @@ impl Watcher {
         let out = dir.join("workers");
         let mut child = Command::new(BIN)
             .args([
-                "watch", "--transport", transport, "--addr", &format!("localhost:{grpc_port}"),
-                "--ca", "certs/ca.pem", "--cert", "certs/clients/consumer-1.pem",
-                "--key", "certs/clients/consumer-1-key.pem", "--out", "workers", "--json",
+                "watch",
+                "--transport",
+                transport,
+                "--addr",
+                &format!("localhost:{grpc_port}"),
+                "--ca",
+                "certs/ca.pem",
+                "--cert",
+                "certs/clients/consumer-1.pem",
+                "--key",
+                "certs/clients/consumer-1-key.pem",
+                "--out",
+                "workers",
+                "--json",
             ])
             .current_dir(dir)
             .env_clear()
@@ -43,7 +54,9 @@ impl Watcher {
         let sink = events.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
             }
         });
         Self { child, events, out }
@@ -59,9 +72,11 @@ impl Watcher {
     }
 
     fn wait_for(&self, kind: &str, worker: &str, version: &str) -> serde_json::Value {
-        eventually(Duration::from_secs(20), &format!("{kind} {worker} {version}"), || {
-            self.saw(kind, worker, version).is_some()
-        });
+        eventually(
+            Duration::from_secs(20),
+            &format!("{kind} {worker} {version}"),
+            || self.saw(kind, worker, version).is_some(),
+        );
         self.saw(kind, worker, version).unwrap()
     }
 }
@@ -74,11 +89,20 @@ impl Drop for Watcher {
 }
 
 /// Uploads as the README does: multipart `filename`, `version`, `file`, bearer token.
-async fn upload(addr: std::net::SocketAddr, token: &str, name: &str, version: &str, code: &[u8]) -> (u16, serde_json::Value) {
+async fn upload(
+    addr: std::net::SocketAddr,
+    token: &str,
+    name: &str,
+    version: &str,
+    code: &[u8],
+) -> (u16, serde_json::Value) {
     let form = reqwest::multipart::Form::new()
         .text("filename", name.to_owned())
         .text("version", version.to_owned())
-        .part("file", reqwest::multipart::Part::bytes(code.to_vec()).file_name("worker.js"));
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(code.to_vec()).file_name("worker.js"),
+        );
     let response = http_client()
         .post(format!("http://{addr}/upload"))
         .bearer_auth(token)
@@ -87,7 +111,10 @@ async fn upload(addr: std::net::SocketAddr, token: &str, name: &str, version: &s
         .await
         .unwrap();
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
 
 async fn delete(addr: std::net::SocketAddr, token: &str, name: &str) -> u16 {
@@ -116,16 +143,25 @@ async fn readme_walkthrough_upload_reaches_watch_and_delete_removes_it() {
     assert_eq!(put["checksum"], sha256(code));
     assert_eq!(put["size"], code.len());
     let file = watcher.out.join("my-worker/1.0.0/worker.js");
-    eventually(Duration::from_secs(10), "worker.js on disk", || std::fs::read(&file).ok().as_deref() == Some(&code[..]));
+    eventually(Duration::from_secs(10), "worker.js on disk", || {
+        std::fs::read(&file).ok().as_deref() == Some(&code[..])
+    });
 
     let (status, _) = upload(server.addr("upload"), &token, "my-worker", "1.0.1", b"v2").await;
     assert!((200..300).contains(&status));
     watcher.wait_for("PUT", "my-worker", "1.0.1");
-    eventually(Duration::from_secs(10), "old version removed", || !file.exists());
+    eventually(Duration::from_secs(10), "old version removed", || {
+        !file.exists()
+    });
 
-    assert_eq!(delete(server.addr("upload"), &token, "my-worker").await, 200);
+    assert_eq!(
+        delete(server.addr("upload"), &token, "my-worker").await,
+        200
+    );
     watcher.wait_for("DELETE", "my-worker", "1.0.1");
-    eventually(Duration::from_secs(10), "worker removed", || !watcher.out.join("my-worker").exists());
+    eventually(Duration::from_secs(10), "worker removed", || {
+        !watcher.out.join("my-worker").exists()
+    });
 }
 
 #[tokio::test]
@@ -136,7 +172,13 @@ async fn watch_survives_a_core_restart_by_resuming() {
     let watcher = Watcher::start(dir.path(), server.addr("grpc").port(), "grpc");
     hook_put(server.addr("http"), &secret, "a", "1", b"a1").await;
     watcher.wait_for("PUT", "a", "1");
-    let resets_before = watcher.events.lock().unwrap().iter().filter(|e| e["kind"] == "RESET").count();
+    let resets_before = watcher
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "RESET")
+        .count();
 
     server.kill9();
     let server = server.restart_same_ports();
@@ -146,11 +188,20 @@ async fn watch_survives_a_core_restart_by_resuming() {
     watcher.wait_for("PUT", "b", "1");
     let events = watcher.events.lock().unwrap().clone();
     let resets = events.iter().filter(|e| e["kind"] == "RESET").count();
-    assert_eq!(resets, resets_before, "resumed by revision, no RESET: {events:?}");
-    let puts: Vec<_> = events.iter().filter(|e| e["kind"] == "PUT").map(|e| e["revision"].as_u64().unwrap()).collect();
+    assert_eq!(
+        resets, resets_before,
+        "resumed by revision, no RESET: {events:?}"
+    );
+    let puts: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "PUT")
+        .map(|e| e["revision"].as_u64().unwrap())
+        .collect();
     assert_eq!(puts, [1, 2, 3], "each change once, in order");
     eventually(Duration::from_secs(10), "files", || {
-        watcher.out.join("a/2/worker.js").exists() && watcher.out.join("b/1/worker.js").exists() && !watcher.out.join("a/1").exists()
+        watcher.out.join("a/2/worker.js").exists()
+            && watcher.out.join("b/1/worker.js").exists()
+            && !watcher.out.join("a/1").exists()
     });
 }
 
@@ -163,13 +214,24 @@ async fn upload_and_core_as_two_processes_never_answer_2xx_without_the_core() {
         dev.kill9();
         dev.secrets()
     };
-    let env = [("HOOK_SECRET", secret.as_str()), ("UPLOAD_TOKEN", token.as_str())];
+    let env = [
+        ("HOOK_SECRET", secret.as_str()),
+        ("UPLOAD_TOKEN", token.as_str()),
+    ];
     let mut core_args = vec!["core"];
     core_args.extend(common_ports());
     let mut core = TestServer::start(dir.path(), &core_args, &env);
     let core_url = format!("http://{}", core.addr("http"));
-    let upload_env = [("HOOK_SECRET", secret.as_str()), ("UPLOAD_TOKEN", token.as_str()), ("GRPC_SERVER_URL", core_url.as_str())];
-    let uploader = TestServer::start(dir.path(), &["upload", "--bind", "127.0.0.1", "--upload-port", "0"], &upload_env);
+    let upload_env = [
+        ("HOOK_SECRET", secret.as_str()),
+        ("UPLOAD_TOKEN", token.as_str()),
+        ("GRPC_SERVER_URL", core_url.as_str()),
+    ];
+    let uploader = TestServer::start(
+        dir.path(),
+        &["upload", "--bind", "127.0.0.1", "--upload-port", "0"],
+        &upload_env,
+    );
     let up = uploader.addr("upload");
 
     let (status, body) = upload(up, &token, "split", "1", b"one").await;
@@ -177,14 +239,27 @@ async fn upload_and_core_as_two_processes_never_answer_2xx_without_the_core() {
 
     core.kill9();
     let (status, body) = upload(up, &token, "split", "2", b"two").await;
-    assert!(status == 502 || status == 503, "core down must not answer {status}: {body}");
+    assert!(
+        status == 502 || status == 503,
+        "core down must not answer {status}: {body}"
+    );
 
     let core = core.restart_same_ports();
     let (status, body) = upload(up, &token, "split", "3", b"three").await;
     assert_eq!(status, 201, "{body}");
     let session = grpc_session(&core.certs(), core.addr("grpc"), "consumer-1").await;
-    let listing = session.list(workerpush::pb::ListWorkersRequest::default()).await.unwrap();
-    assert_eq!(listing.workers.iter().map(|w| w.version.as_str()).collect::<Vec<_>>(), ["3"]);
+    let listing = session
+        .list(workerpush::pb::ListWorkersRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        listing
+            .workers
+            .iter()
+            .map(|w| w.version.as_str())
+            .collect::<Vec<_>>(),
+        ["3"]
+    );
     assert_eq!(listing.revision, 2, "the refused upload left no trace");
 }
 

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientError, Session, Transport, verify};
-use crate::pb::{AckRequest, FetchWorkerRequest, RegisterRequest, SubscribeRequest, UpdateKind, WorkerUpdate};
+use crate::pb::{
+    AckRequest, FetchWorkerRequest, RegisterRequest, SubscribeRequest, UpdateKind, WorkerUpdate,
+};
 
 /// Where a consumer is in the server's history: resume from here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,7 +186,10 @@ impl<T: Transport> Consumer<T> {
                     }
                     match self.code(&*session, &update).await {
                         Ok(code) => handler.put(&update, code).await,
-                        Err(error) if error.is_retryable() && !matches!(error, ClientError::Verification(_)) => {
+                        Err(error)
+                            if error.is_retryable()
+                                && !matches!(error, ClientError::Verification(_)) =>
+                        {
                             return Err(error);
                         }
                         Err(error) => Err(error.to_string()),
@@ -223,7 +228,11 @@ impl<T: Transport> Consumer<T> {
     }
 
     /// The verified code of a PUT: inline, or fetched.
-    async fn code(&self, session: &dyn Session, update: &WorkerUpdate) -> Result<Bytes, ClientError> {
+    async fn code(
+        &self,
+        session: &dyn Session,
+        update: &WorkerUpdate,
+    ) -> Result<Bytes, ClientError> {
         let code = if update.worker_code.is_empty() && update.size > 0 {
             let (checksum, code) = session
                 .fetch(FetchWorkerRequest {

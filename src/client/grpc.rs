@@ -141,7 +141,11 @@ impl Session for GrpcSession {
     }
 
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
-        self.client.clone().ack_update(request).await.map_err(status)?;
+        self.client
+            .clone()
+            .ack_update(request)
+            .await
+            .map_err(status)?;
         Ok(())
     }
 

@@ -84,7 +84,9 @@ pub async fn serve(
         .add_service(ControlPlaneServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             drain.cancelled().await;
-            health.set_not_serving::<ControlPlaneServer<ControlPlaneService>>().await;
+            health
+                .set_not_serving::<ControlPlaneServer<ControlPlaneService>>()
+                .await;
         })
         .await
 }

@@ -8,7 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::PeerInfo;
 use crate::{
-    core::{Ack, Coded, ConsumerId, Core, Ended, SubscribeParams, Version, WorkerFilter, WorkerName},
+    core::{
+        Ack, Coded, ConsumerId, Core, Ended, SubscribeParams, Version, WorkerFilter, WorkerName,
+    },
     pb::{
         AckRequest, AckResponse, EncodedUpdate, FetchWorkerRequest, ListWorkersRequest,
         ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
@@ -80,7 +82,8 @@ impl ControlPlane for ControlPlaneService {
         let consumer_id = consumer_id(&peer, &request.consumer_id)?;
         let filter = WorkerFilter::parse(&request.worker_names).map_err(|e| status(&e))?;
         let permit = self.stream_permit()?;
-        let resume = (!request.epoch.is_empty()).then_some((request.epoch, request.resume_revision));
+        let resume =
+            (!request.epoch.is_empty()).then_some((request.epoch, request.resume_revision));
         let subscription = self
             .core
             .subscribe(SubscribeParams {
@@ -103,7 +106,9 @@ impl ControlPlane for ControlPlaneService {
                         Some((Ok(update), Some((subscription, permit, delivered))))
                     }
                     Err(Ended::ShuttingDown) => Some((
-                        Err(Status::unavailable("server shutting down; reconnect and resume")),
+                        Err(Status::unavailable(
+                            "server shutting down; reconnect and resume",
+                        )),
                         None,
                     )),
                 }
@@ -137,7 +142,10 @@ impl ControlPlane for ControlPlaneService {
         }))
     }
 
-    async fn ack_update(&self, request: Request<AckRequest>) -> Result<Response<AckResponse>, Status> {
+    async fn ack_update(
+        &self,
+        request: Request<AckRequest>,
+    ) -> Result<Response<AckResponse>, Status> {
         let peer = peer(&request)?;
         let request = request.into_inner();
         let consumer_id = consumer_id(&peer, &request.consumer_id)?;
@@ -177,7 +185,11 @@ impl ControlPlane for ControlPlaneService {
             .fetch(&worker, version.as_ref())
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(Box::pin(chunks(bundle.code, bundle.checksum.to_string(), permit))))
+        Ok(Response::new(Box::pin(chunks(
+            bundle.code,
+            bundle.checksum.to_string(),
+            permit,
+        ))))
     }
 
     async fn list_workers(
@@ -185,7 +197,8 @@ impl ControlPlane for ControlPlaneService {
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         peer(&request)?;
-        let filter = WorkerFilter::parse(&request.into_inner().worker_names).map_err(|e| status(&e))?;
+        let filter =
+            WorkerFilter::parse(&request.into_inner().worker_names).map_err(|e| status(&e))?;
         let listing = self.core.list(&filter);
         Ok(Response::new(ListWorkersResponse {
             workers: listing.workers,
@@ -208,7 +221,11 @@ fn chunks(
         let start = i * CHUNK_BYTES;
         let end = (start + CHUNK_BYTES).min(code.len());
         Ok(WorkerChunk {
-            checksum: if i == 0 { checksum.clone() } else { String::new() },
+            checksum: if i == 0 {
+                checksum.clone()
+            } else {
+                String::new()
+            },
             size: if i == 0 { size } else { 0 },
             offset: i64::try_from(start).unwrap_or(i64::MAX),
             data: code.slice(start..end),

@@ -984,14 +984,13 @@ mod tests {
         let client = Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
                     .query_async::<String>(&mut connection)
                     .await
                     .is_ok()
-                {
-                    return child;
-                }
+            {
+                return child;
             }
             assert!(Instant::now() < deadline, "redis-server did not come up");
             // Polling interval while the server starts, bounded by the deadline.

@@ -28,6 +28,7 @@ pub struct TestServer {
     pub addrs: HashMap<String, SocketAddr>,
     pub output: Arc<Mutex<Vec<String>>>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -57,7 +58,10 @@ impl TestServer {
             .current_dir(dir)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
@@ -95,7 +99,10 @@ impl TestServer {
                 }
                 Err(_) => {
                     let status = child.try_wait();
-                    panic!("workerpush {all:?} not ready (status {status:?}); output: {:?}", output.lock().unwrap());
+                    panic!(
+                        "workerpush {all:?} not ready (status {status:?}); output: {:?}",
+                        output.lock().unwrap()
+                    );
                 }
             }
         }
@@ -105,11 +112,18 @@ impl TestServer {
             addrs,
             output,
             args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
-        *self.addrs.get(name).unwrap_or_else(|| panic!("no {name} address in {:?}", self.addrs))
+        *self
+            .addrs
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} address in {:?}", self.addrs))
     }
 
     pub fn certs(&self) -> PathBuf {
@@ -161,10 +175,18 @@ impl TestServer {
             }
         }
         // `start` appends the dirs again; drop them here.
-        let cut = args.iter().position(|a| a == "--data-dir" || a == "--certs-dir").unwrap_or(args.len());
+        let cut = args
+            .iter()
+            .position(|a| a == "--data-dir" || a == "--certs-dir")
+            .unwrap_or(args.len());
         args.truncate(cut);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::start(&self.dir, &refs, &[])
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Self::start(&self.dir, &refs, &env)
     }
 }
 
@@ -176,7 +198,16 @@ impl Drop for TestServer {
 }
 
 pub fn common_ports() -> [&'static str; 8] {
-    ["--bind", "127.0.0.1", "--grpc-port", "0", "--quic-port", "0", "--http-port", "0"]
+    [
+        "--bind",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--quic-port",
+        "0",
+        "--http-port",
+        "0",
+    ]
 }
 
 pub fn dev_secrets(certs: &Path) -> (String, String) {
@@ -223,7 +254,10 @@ pub async fn hook_put(
     code: &[u8],
 ) -> (u16, serde_json::Value) {
     let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
-    let (boundary, body) = multipart(&[("metadata", None, metadata.as_bytes()), ("worker_code", Some("worker.js"), code)]);
+    let (boundary, body) = multipart(&[
+        ("metadata", None, metadata.as_bytes()),
+        ("worker_code", Some("worker.js"), code),
+    ]);
     signed_post(http, secret, &boundary, body).await
 }
 
@@ -234,12 +268,20 @@ pub async fn hook_delete(http: SocketAddr, secret: &str, worker: &str) -> (u16, 
     signed_post(http, secret, &boundary, body).await
 }
 
-pub async fn signed_post(http: SocketAddr, secret: &str, boundary: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+pub async fn signed_post(
+    http: SocketAddr,
+    secret: &str,
+    boundary: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
     let timestamp = workerpush::core::now_ms() / 1000;
     let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
     let response = http_client()
         .post(format!("http://{http}/internal/broadcast"))
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
         .header("x-workerpush-timestamp", timestamp.to_string())
         .header("x-workerpush-signature", signature)
         .body(body)
