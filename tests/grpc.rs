@@ -157,14 +157,7 @@ async fn resume_replays_missed_changes_and_stale_positions_reset() {
 
     for (bad_epoch, revision) in [("not-the-epoch", 3), (epoch.as_str(), 1)] {
         for i in 7..=16 {
-            hook_put(
-                http,
-                &secret,
-                "b",
-                &format!("{bad_epoch}-{i}").replace(' ', ""),
-                b"b",
-            )
-            .await;
+            hook_put(http, &secret, "b", &format!("{bad_epoch}-{i}"), b"b").await;
         }
         let mut stale = session
             .subscribe(subscribe(&[], bad_epoch, revision))
@@ -333,4 +326,36 @@ fn no_client_cert_config(ca: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     std::sync::Arc::new(config)
+}
+
+#[tokio::test]
+async fn stream_limit_answers_resource_exhausted_and_frees_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &["--grpc-max-streams", "2"]);
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    let mut first = session.subscribe(subscribe(&[], "", 0)).await.unwrap();
+    let mut second = session.subscribe(subscribe(&[], "", 0)).await.unwrap();
+    until_synced(&mut first).await;
+    until_synced(&mut second).await;
+    match session.subscribe(subscribe(&[], "", 0)).await {
+        Err(ClientError::Status { code, .. }) => assert_eq!(code, 8, "RESOURCE_EXHAUSTED"),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a third stream must be refused"),
+    }
+    drop(first);
+    // The freed slot is reusable once the server sees the stream go.
+    let mut third = None;
+    for _ in 0..100 {
+        if let Ok(stream) = session.subscribe(subscribe(&[], "", 0)).await {
+            third = Some(stream);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until_synced(
+        third
+            .as_mut()
+            .expect("slot freed after the first stream closed"),
+    )
+    .await;
 }

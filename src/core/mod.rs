@@ -320,7 +320,12 @@ impl Core {
                 self.visible(change.revision).await;
                 (change, true)
             }
-            Outcome::Unchanged(change) => (change, false),
+            Outcome::Unchanged(change) => {
+                // Durable already; a concurrent publish of the same version may not be visible
+                // yet, and the answer must not run ahead of what subscribers can see.
+                self.visible(change.revision).await;
+                (change, false)
+            }
             Outcome::Conflict { existing } => {
                 return Err(PublishError::Conflict {
                     worker: worker.clone(),

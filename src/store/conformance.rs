@@ -288,7 +288,8 @@ async fn keeps_consumer_records(store: &impl Store) {
 }
 
 /// For persistent engines: what `first` committed is all there after reopening as `second`
-/// (same epoch, head, latest, tail, bundles and consumers).
+/// (same epoch, head, latest, tail and bundles; consumer records are checked by each engine,
+/// since their flushing differs).
 pub async fn survives_reopen<S: Store>(first: S, reopen: impl FnOnce(S) -> S) {
     let before_epoch = first.load().await.unwrap_or_else(|e| panic!("{e}")).epoch;
     let code = Bytes::from_static(b"export default {}");

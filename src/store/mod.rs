@@ -147,8 +147,10 @@ pub struct ConsumerRecord {
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Temporarily out of reach (Redis down, store failed and fenced): nothing was changed,
-    /// or the change is not durable and will not be seen.
+    /// Temporarily out of reach (Redis down, store failed and fenced). The change is not
+    /// known to be durable; if the store went away mid-answer it may still have been
+    /// committed, so a client retries a put (versions are immutable: the retry answers with
+    /// the revision it got) and reads before retrying a delete.
     #[error("unavailable: {0}")]
     Unavailable(String),
     /// The durable state does not decode or breaks an invariant.
