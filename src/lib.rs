@@ -14,13 +14,10 @@
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
 #![warn(missing_docs)]
 
-pub mod app;
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod grpc;
-pub mod http;
 pub mod pb;
 pub mod store;
 pub mod tls;
-pub mod watch;
