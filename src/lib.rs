@@ -7,6 +7,8 @@
 //! - [`pb`]: the wire contract generated from `proto/control_plane.proto`.
 //! - [`tls`]: every rustls/rcgen piece: dev PKI, server and client configs, the one client
 //!   verifier and identity extractor shared by gRPC and QUIC.
+//! - [`requests`]: the contract's requests mapped onto the core (validation, identity rules),
+//!   shared by both transports.
 //! - [`grpc`]: the mutual-TLS gRPC server over the core.
 //! - [`http`]: the signed hook and admin endpoints of the core, and the upload server.
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
@@ -19,5 +21,6 @@ pub mod config;
 pub mod core;
 pub mod grpc;
 pub mod pb;
+pub mod requests;
 pub mod store;
 pub mod tls;
