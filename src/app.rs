@@ -17,6 +17,7 @@ use crate::{
     core::{Core, CoreConfig},
     grpc::{self, GrpcLimits},
     http,
+    quic::{self, QuicLimits},
     store::{FileStore, RedisConfig, RedisStore, Store, StoreError},
     tls::{self, ServerTls, TlsError},
 };
@@ -186,10 +187,17 @@ async fn start_core(
     let core = Core::open(store, config).await?;
 
     let grpc_listener = bind_tcp(args.common.bind, args.grpc_port).await?;
+    let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);
+    let quic_socket = std::net::UdpSocket::bind(quic_addr).map_err(|source| AppError::Bind {
+        addr: quic_addr,
+        source,
+    })?;
     let http_listener = bind_tcp(args.common.bind, args.http_port).await?;
     let grpc_addr = grpc_listener.local_addr()?;
+    let quic_addr = quic_socket.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     println!("workerpush: grpc listening on {grpc_addr} (mTLS)");
+    println!("workerpush: quic listening on {quic_addr} (mTLS, ALPN workerpush/1)");
     println!("workerpush: http listening on {http_addr} (hook, health, metrics)");
 
     let limits = GrpcLimits {
@@ -204,6 +212,23 @@ async fn start_core(
             grpc::serve(grpc_listener, grpc_tls, grpc_core, limits, grpc_accept).await
         {
             tracing::error!(%error, "grpc server failed");
+        }
+    });
+
+    let quic_tls = server_tls.quic_config();
+    let quic_core = core.clone();
+    let quic_accept = accept.clone();
+    tasks.spawn(async move {
+        if let Err(error) = quic::serve(
+            quic_socket,
+            quic_tls,
+            quic_core,
+            QuicLimits::default(),
+            quic_accept,
+        )
+        .await
+        {
+            tracing::error!(%error, "quic server failed");
         }
     });
 

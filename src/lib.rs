@@ -7,7 +7,10 @@
 //! - [`pb`]: the wire contract generated from `proto/control_plane.proto`.
 //! - [`tls`]: every rustls/rcgen piece: dev PKI, server and client configs, the one client
 //!   verifier and identity extractor shared by gRPC and QUIC.
+//! - [`requests`]: the contract's requests mapped onto the core (validation, identity rules),
+//!   shared by both transports.
 //! - [`grpc`]: the mutual-TLS gRPC server over the core.
+//! - [`quic`]: the mutual-TLS QUIC server over the core, and its pure framing codec.
 //! - [`http`]: the signed hook and admin endpoints of the core, and the upload server.
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
@@ -21,6 +24,8 @@ pub mod core;
 pub mod grpc;
 pub mod http;
 pub mod pb;
+pub mod quic;
+pub mod requests;
 pub mod store;
 pub mod tls;
 pub mod watch;

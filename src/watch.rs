@@ -15,7 +15,10 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    client::{ClientError, Consumer, ConsumerOptions, GrpcTransport, Handler, Position, Transport},
+    client::{
+        ClientError, Consumer, ConsumerOptions, GrpcTransport, Handler, Position, QuicTransport,
+        Transport,
+    },
     config::{TransportKind, WatchArgs},
     core::{Version, WorkerName},
     pb::{UpdateKind, WorkerUpdate},
@@ -52,9 +55,12 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), Cli
             let transport = GrpcTransport::new(&args.addr, tls)?;
             run_with(transport, options, position, &mut handler, shutdown).await
         }
-        TransportKind::Quic => Err(ClientError::Config(
-            "the QUIC transport is not available in this build".to_owned(),
-        )),
+        TransportKind::Quic => {
+            let tls = tls::client_config(&args.ca, &args.cert, &args.key, ClientTlsPurpose::Quic)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+            let transport = QuicTransport::new(&args.addr, tls)?;
+            run_with(transport, options, position, &mut handler, shutdown).await
+        }
     }
 }
 

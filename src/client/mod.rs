@@ -8,6 +8,7 @@
 
 mod consumer;
 mod grpc;
+mod quic;
 
 use std::pin::Pin;
 
@@ -17,6 +18,7 @@ use futures_util::Stream;
 
 pub use consumer::{Backoff, Consumer, ConsumerOptions, Handler, Position};
 pub use grpc::GrpcTransport;
+pub use quic::QuicTransport;
 
 use crate::pb::{
     AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,

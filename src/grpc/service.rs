@@ -1,4 +1,5 @@
-//! The `ControlPlane` service: maps requests to core calls and core errors to statuses.
+//! The `ControlPlane` service: requests go through [`crate::requests`] (validation, identity
+//! rules, core calls, shared with QUIC); core errors become statuses here.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -8,18 +9,14 @@ use tonic::{Request, Response, Status};
 
 use super::PeerInfo;
 use crate::{
-    core::{
-        Ack, Coded, ConsumerId, Core, Ended, SubscribeParams, Version, WorkerFilter, WorkerName,
-    },
+    core::{Coded, Core, Ended},
     pb::{
         AckRequest, AckResponse, EncodedUpdate, FetchWorkerRequest, ListWorkersRequest,
         ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
         server::control_plane_server::ControlPlane,
     },
+    requests::{self, Caller},
 };
-
-/// Size of the chunks `FetchWorker` streams.
-pub const CHUNK_BYTES: usize = 64 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -56,8 +53,12 @@ fn peer<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
         .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
 }
 
-fn consumer_id(peer: &PeerInfo, requested: &str) -> Result<ConsumerId, Status> {
-    ConsumerId::authorize(&peer.identity, requested).map_err(|e| status(&e))
+fn caller(peer: &PeerInfo) -> Caller<'_> {
+    Caller {
+        identity: &peer.identity,
+        remote: peer.remote,
+        transport: "grpc",
+    }
 }
 
 /// The one conversion from core errors to gRPC statuses.
@@ -78,22 +79,10 @@ impl ControlPlane for ControlPlaneService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeWorkerUpdatesStream>, Status> {
         let peer = peer(&request)?;
-        let request = request.into_inner();
-        let consumer_id = consumer_id(&peer, &request.consumer_id)?;
-        let filter = WorkerFilter::parse(&request.worker_names).map_err(|e| status(&e))?;
-        let permit = self.stream_permit()?;
-        let resume =
-            (!request.epoch.is_empty()).then_some((request.epoch, request.resume_revision));
-        let subscription = self
-            .core
-            .subscribe(SubscribeParams {
-                consumer_id,
-                filter,
-                resume,
-                transport: "grpc",
-                remote: Some(peer.remote),
-            })
+        let params = requests::subscribe_params(caller(&peer), request.into_inner())
             .map_err(|e| status(&e))?;
+        let permit = self.stream_permit()?;
+        let subscription = self.core.subscribe(params).map_err(|e| status(&e))?;
         tracing::debug!(consumer = %subscription.info().consumer_id, remote = %peer.remote, "grpc subscription");
         let delivered = metrics::counter!("workerpush_deliveries_total", "transport" => "grpc");
         let stream = futures_util::stream::unfold(
@@ -122,24 +111,10 @@ impl ControlPlane for ControlPlaneService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let peer = peer(&request)?;
-        let request = request.into_inner();
-        let consumer_id = consumer_id(&peer, &request.consumer_id)?;
-        if request.endpoint.len() > 1024 || request.labels.len() > 64 {
-            return Err(Status::invalid_argument("endpoint or labels too large"));
-        }
-        self.core
-            .register(
-                consumer_id.clone(),
-                request.endpoint,
-                request.labels.into_iter().collect(),
-                "grpc",
-            )
+        let response = requests::register(&self.core, caller(&peer), request.into_inner())
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(RegisterResponse {
-            success: true,
-            message: format!("registered {consumer_id}"),
-        }))
+        Ok(Response::new(response))
     }
 
     async fn ack_update(
@@ -147,25 +122,10 @@ impl ControlPlane for ControlPlaneService {
         request: Request<AckRequest>,
     ) -> Result<Response<AckResponse>, Status> {
         let peer = peer(&request)?;
-        let request = request.into_inner();
-        let consumer_id = consumer_id(&peer, &request.consumer_id)?;
-        let worker = WorkerName::parse(&request.worker_name).map_err(|e| status(&e))?;
-        let mut error = request.error;
-        error.truncate(1024);
-        self.core
-            .ack(
-                Ack {
-                    consumer_id,
-                    worker,
-                    revision: request.revision,
-                    applied: request.applied,
-                    error,
-                },
-                "grpc",
-            )
+        let response = requests::ack(&self.core, caller(&peer), request.into_inner())
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(AckResponse {}))
+        Ok(Response::new(response))
     }
 
     async fn fetch_worker(
@@ -173,23 +133,19 @@ impl ControlPlane for ControlPlaneService {
         request: Request<FetchWorkerRequest>,
     ) -> Result<Response<Self::FetchWorkerStream>, Status> {
         peer(&request)?;
-        let request = request.into_inner();
-        let worker = WorkerName::parse(&request.worker_name).map_err(|e| status(&e))?;
-        let version = match request.version.as_str() {
-            "" => None,
-            v => Some(Version::parse(v).map_err(|e| status(&e))?),
-        };
+        let (worker, version) =
+            requests::fetch_target(request.get_ref()).map_err(|e| status(&e))?;
         let permit = self.stream_permit()?;
         let bundle = self
             .core
             .fetch(&worker, version.as_ref())
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(Box::pin(chunks(
-            bundle.code,
-            bundle.checksum.to_string(),
-            permit,
-        ))))
+        let chunks = requests::chunks(&bundle).map(move |chunk| {
+            let _held = &permit;
+            Ok(chunk)
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::iter(chunks))))
     }
 
     async fn list_workers(
@@ -197,38 +153,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
         peer(&request)?;
-        let filter =
-            WorkerFilter::parse(&request.into_inner().worker_names).map_err(|e| status(&e))?;
-        let listing = self.core.list(&filter);
-        Ok(Response::new(ListWorkersResponse {
-            workers: listing.workers,
-            revision: listing.head,
-            epoch: listing.epoch.to_string(),
-        }))
+        let response = requests::list(&self.core, request.get_ref()).map_err(|e| status(&e))?;
+        Ok(Response::new(response))
     }
-}
-
-/// The chunks of a bundle: the first carries checksum and size; an empty bundle is one chunk.
-fn chunks(
-    code: bytes::Bytes,
-    checksum: String,
-    permit: OwnedSemaphorePermit,
-) -> impl Stream<Item = Result<WorkerChunk, Status>> + Send {
-    let size = i64::try_from(code.len()).unwrap_or(i64::MAX);
-    let count = code.len().div_ceil(CHUNK_BYTES).max(1);
-    futures_util::stream::iter((0..count).map(move |i| {
-        let _held = &permit;
-        let start = i * CHUNK_BYTES;
-        let end = (start + CHUNK_BYTES).min(code.len());
-        Ok(WorkerChunk {
-            checksum: if i == 0 {
-                checksum.clone()
-            } else {
-                String::new()
-            },
-            size: if i == 0 { size } else { 0 },
-            offset: i64::try_from(start).unwrap_or(i64::MAX),
-            data: code.slice(start..end),
-        })
-    }))
 }

@@ -326,3 +326,24 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A QUIC session as client `name` (from `certs/clients/`).
+pub async fn quic_session(certs: &Path, quic: SocketAddr, name: &str) -> Box<dyn Session> {
+    quic_transport(certs, quic, name).connect().await.unwrap()
+}
+
+pub fn quic_transport(
+    certs: &Path,
+    quic: SocketAddr,
+    name: &str,
+) -> workerpush::client::QuicTransport {
+    tls::install_crypto_provider();
+    let config = tls::client_config(
+        &certs.join("ca.pem"),
+        &certs.join(format!("clients/{name}.pem")),
+        &certs.join(format!("clients/{name}-key.pem")),
+        ClientTlsPurpose::Quic,
+    )
+    .unwrap();
+    workerpush::client::QuicTransport::new(&format!("localhost:{}", quic.port()), config).unwrap()
+}
