@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientError, Session, Transport, verify};
@@ -24,7 +23,8 @@ pub struct Position {
     pub revision: u64,
 }
 
-/// Reconnection delays: full jitter between `initial` and a cap that doubles up to `max`.
+/// Reconnection delays: a cap that starts at `initial` and doubles up to `max` after each
+/// failed attempt, with each delay drawn between half the cap and the cap.
 #[derive(Clone, Copy, Debug)]
 pub struct Backoff {
     /// The first cap.
@@ -83,6 +83,7 @@ pub struct Consumer<T> {
     transport: T,
     options: ConsumerOptions,
     position: Option<Position>,
+    acks: Arc<PendingAcks>,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -92,6 +93,7 @@ impl<T: Transport> Consumer<T> {
             transport,
             options,
             position,
+            acks: Arc::new(PendingAcks::default()),
         }
     }
 
@@ -159,7 +161,10 @@ impl<T: Transport> Consumer<T> {
         };
         let mut stream = session.subscribe(request).await?;
         handler.connected(self.transport.name());
-        let acks = self.options.ack.then(|| spawn_acker(session.clone()));
+        let _acker = self
+            .options
+            .ack
+            .then(|| AbortOnDrop(tokio::spawn(send_acks(session.clone(), self.acks.clone()))));
         let mut snapshot: Option<BTreeSet<String>> = None;
         while let Some(update) = stream.next().await {
             let update = update?;
@@ -198,12 +203,12 @@ impl<T: Transport> Consumer<T> {
                 UpdateKind::Delete => handler.delete(&update).await,
                 UpdateKind::Unspecified => continue,
             };
-            if let Some(acks) = &acks {
+            if self.options.ack {
                 let (applied, error) = match &applied {
                     Ok(()) => (true, String::new()),
                     Err(reason) => (false, reason.clone()),
                 };
-                let _ = acks.send(AckRequest {
+                self.acks.push(AckRequest {
                     consumer_id: self.options.consumer_id.clone(),
                     worker_name: update.worker_name.clone(),
                     revision: update.revision,
@@ -255,21 +260,142 @@ impl<T: Transport> Consumer<T> {
     }
 }
 
-/// Sends acks in the background so that applying never waits on a round trip.
-fn spawn_acker(session: Arc<dyn Session>) -> mpsc::UnboundedSender<AckRequest> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
-    tokio::spawn(async move {
-        while let Some(ack) = rx.recv().await {
-            if let Err(error) = session.ack(ack).await {
-                tracing::debug!(%error, "ack failed; the session is going away");
-                return;
-            }
-        }
-    });
-    tx
+/// Acks not yet sent: the latest per worker (a later ack supersedes an earlier one), kept
+/// across reconnects so that what was applied while a connection died is still reported.
+#[derive(Default)]
+struct PendingAcks {
+    latest: std::sync::Mutex<std::collections::BTreeMap<String, AckRequest>>,
+    ready: tokio::sync::Notify,
 }
 
+impl PendingAcks {
+    fn push(&self, ack: AckRequest) {
+        self.lock().insert(ack.worker_name.clone(), ack);
+        self.ready.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, AckRequest>> {
+        // Only whole inserts and removes happen under the lock.
+        self.latest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sends pending acks in the background so that applying never waits on a round trip. An ack
+/// leaves the queue only once the server took it (or a newer one for its worker replaced it).
+async fn send_acks(session: Arc<dyn Session>, pending: Arc<PendingAcks>) {
+    loop {
+        let next = pending.lock().values().next().cloned();
+        let Some(ack) = next else {
+            pending.ready.notified().await;
+            continue;
+        };
+        if let Err(error) = session.ack(ack.clone()).await {
+            tracing::debug!(%error, "ack not delivered; kept for the next connection");
+            return;
+        }
+        let mut latest = pending.lock();
+        if latest.get(&ack.worker_name) == Some(&ack) {
+            latest.remove(&ack.worker_name);
+        }
+    }
+}
+
+/// Aborts a task when its session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A random delay between half of `cap` and `cap` ("equal jitter"): spreads reconnects out
+/// while keeping a floor under the backoff.
 fn jitter(cap: Duration) -> Duration {
     let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
     Duration::from_millis(rand::random_range(cap_ms / 2..=cap_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        client::UpdateStream,
+        pb::{ListWorkersRequest, ListWorkersResponse, RegisterResponse},
+    };
+
+    /// Records the acks it takes; refuses them all when `broken`.
+    struct Recorder {
+        broken: bool,
+        acked: Mutex<Vec<(String, u64)>>,
+    }
+
+    #[async_trait]
+    impl Session for Recorder {
+        async fn subscribe(&self, _: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn fetch(&self, _: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+            if self.broken {
+                return Err(ClientError::Transport("connection lost".into()));
+            }
+            self.acked
+                .lock()
+                .unwrap()
+                .push((request.worker_name, request.revision));
+            Ok(())
+        }
+        async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn list(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+    }
+
+    fn ack(worker: &str, revision: u64) -> AckRequest {
+        AckRequest {
+            worker_name: worker.into(),
+            revision,
+            applied: true,
+            ..AckRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_not_delivered_survive_into_the_next_session() {
+        let pending = Arc::new(PendingAcks::default());
+        pending.push(ack("a", 1));
+        pending.push(ack("b", 2));
+        pending.push(ack("a", 3));
+        let broken = Arc::new(Recorder {
+            broken: true,
+            acked: Mutex::new(Vec::new()),
+        });
+        send_acks(broken, pending.clone()).await;
+        assert_eq!(pending.lock().len(), 2, "nothing delivered, nothing lost");
+
+        let healthy = Arc::new(Recorder {
+            broken: false,
+            acked: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(send_acks(healthy.clone(), pending.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pending.lock().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        let acked = healthy.acked.lock().unwrap().clone();
+        assert_eq!(
+            acked,
+            [("a".to_owned(), 3), ("b".to_owned(), 2)],
+            "latest per worker"
+        );
+    }
 }

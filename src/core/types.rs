@@ -178,6 +178,9 @@ pub enum ConsumerIdError {
     },
 }
 
+/// The most worker names one request may list.
+pub const MAX_FILTER_NAMES: usize = 10_000;
+
 /// Which workers a subscription or listing covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerFilter(Option<Arc<[WorkerName]>>);
@@ -198,8 +201,14 @@ impl WorkerFilter {
         Self(Some(names.into()))
     }
 
-    /// Validates the names of a request.
+    /// Validates the names of a request (at most [`MAX_FILTER_NAMES`]).
     pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, InvalidInput> {
+        if names.len() > MAX_FILTER_NAMES {
+            return Err(InvalidInput::Other(format!(
+                "{} worker names; at most {MAX_FILTER_NAMES} per request",
+                names.len()
+            )));
+        }
         let names = names
             .iter()
             .map(|n| WorkerName::parse(n.as_ref()))

@@ -374,8 +374,13 @@ async fn answer(
     let _ = tokio::time::timeout(shared.limits.request_timeout, send.stopped()).await;
 }
 
+/// The largest request frame the server reads. Requests are small (a subscription naming
+/// thousands of workers is tens of KiB); bounding them well under the 16 MiB frame limit keeps
+/// what one connection's 128 streams can make the server hold small.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 async fn read_request(recv: RecvStream, within: Duration) -> Result<QuicRequest, StreamEnd> {
-    let mut frames = FrameReader::new(recv, MAX_FRAME_BYTES);
+    let mut frames = FrameReader::new(recv, MAX_REQUEST_BYTES.min(MAX_FRAME_BYTES));
     match tokio::time::timeout(within, frames.next::<QuicRequest>()).await {
         Ok(Ok(Some(request))) => Ok(request),
         Ok(Ok(None)) => Err(StreamEnd::invalid("stream finished without a request")),
