@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -84,9 +84,8 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
         .admin_token
         .clone()
         .unwrap_or_else(|| upload_token.clone());
-    let mut tasks = JoinSet::new();
-    let accept = CancellationToken::new();
-    let core = start_core(&args.core, &hook_secret, &admin_token, &accept, &mut tasks).await?;
+    let mut servers = Servers::default();
+    let core = start_core(&args.core, &hook_secret, &admin_token, &mut servers).await?;
     let hook_url = local_url(core.http_addr);
     let upload_addr = start_upload(
         &args.core.common,
@@ -95,22 +94,14 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
         &hook_secret,
         &hook_url,
         args.max_upload_bytes,
-        &accept,
-        &mut tasks,
+        &mut servers,
     )
     .await?;
     if args.dev {
         print_dev_help(&args.core.common.certs_dir, core.grpc_addr, upload_addr);
     }
     println!("workerpush: ready");
-    drain(
-        shutdown,
-        accept,
-        Some(core.core),
-        tasks,
-        args.core.common.grace,
-    )
-    .await;
+    drain(shutdown, servers, Some(core.core), args.core.common.grace).await;
     Ok(())
 }
 
@@ -122,11 +113,10 @@ pub async fn core(args: CoreArgs, shutdown: CancellationToken) -> Result<(), App
         .clone()
         .or_else(|| std::env::var("UPLOAD_TOKEN").ok())
         .ok_or_else(|| AppError::Config("ADMIN_TOKEN (or UPLOAD_TOKEN) is required".into()))?;
-    let mut tasks = JoinSet::new();
-    let accept = CancellationToken::new();
-    let core = start_core(&args, &hook_secret, &admin_token, &accept, &mut tasks).await?;
+    let mut servers = Servers::default();
+    let core = start_core(&args, &hook_secret, &admin_token, &mut servers).await?;
     println!("workerpush: ready");
-    drain(shutdown, accept, Some(core.core), tasks, args.common.grace).await;
+    drain(shutdown, servers, Some(core.core), args.common.grace).await;
     Ok(())
 }
 
@@ -137,8 +127,7 @@ pub async fn upload(args: UploadArgs, shutdown: CancellationToken) -> Result<(),
     let core_url = reqwest::Url::parse(&args.grpc_server_url).map_err(|e| {
         AppError::Config(format!("GRPC_SERVER_URL {:?}: {e}", args.grpc_server_url))
     })?;
-    let mut tasks = JoinSet::new();
-    let accept = CancellationToken::new();
+    let mut servers = Servers::default();
     start_upload(
         &args.common,
         args.upload_port,
@@ -146,13 +135,45 @@ pub async fn upload(args: UploadArgs, shutdown: CancellationToken) -> Result<(),
         &hook_secret,
         &core_url,
         args.max_upload_bytes,
-        &accept,
-        &mut tasks,
+        &mut servers,
     )
     .await?;
     println!("workerpush: ready");
-    drain(shutdown, accept, None, tasks, args.common.grace).await;
+    drain(shutdown, servers, None, args.common.grace).await;
     Ok(())
+}
+
+/// The servers of one process, grouped by the order in which a drain stops them.
+#[derive(Default)]
+struct Servers {
+    /// The upload server: its in-flight uploads still need the hook.
+    uploads: Stage,
+    /// The hook and admin HTTP server: its in-flight publishes still need the core.
+    hook: Stage,
+    /// gRPC (and every other subscriber transport): streams end when the core shuts down.
+    streams: Stage,
+}
+
+/// Servers that stop accepting together, and their tasks.
+#[derive(Default)]
+struct Stage {
+    /// Cancelled to stop accepting and let what is in flight finish.
+    accept: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Stage {
+    /// Waits for the tasks until `deadline`, then aborts what is left. Whether all finished.
+    async fn finish(&mut self, deadline: Instant) -> bool {
+        let joined = tokio::time::timeout_at(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            self.tasks.abort_all();
+        }
+        joined.is_ok()
+    }
 }
 
 struct StartedCore {
@@ -165,8 +186,7 @@ async fn start_core(
     args: &CoreArgs,
     hook_secret: &str,
     _admin_token: &str,
-    accept: &CancellationToken,
-    tasks: &mut JoinSet<()>,
+    servers: &mut Servers,
 ) -> Result<StartedCore, AppError> {
     let server_tls = Arc::new(ServerTls::load(&args.common.certs_dir)?);
     let config = CoreConfig {
@@ -206,8 +226,8 @@ async fn start_core(
     };
     let grpc_tls = server_tls.grpc_config();
     let grpc_core = core.clone();
-    let grpc_accept = accept.clone();
-    tasks.spawn(async move {
+    let grpc_accept = servers.streams.accept.clone();
+    servers.streams.tasks.spawn(async move {
         if let Err(error) =
             grpc::serve(grpc_listener, grpc_tls, grpc_core, limits, grpc_accept).await
         {
@@ -217,8 +237,8 @@ async fn start_core(
 
     let quic_tls = server_tls.quic_config();
     let quic_core = core.clone();
-    let quic_accept = accept.clone();
-    tasks.spawn(async move {
+    let quic_accept = servers.streams.accept.clone();
+    servers.streams.tasks.spawn(async move {
         if let Err(error) = quic::serve(
             quic_socket,
             quic_tls,
@@ -234,14 +254,18 @@ async fn start_core(
 
     let router =
         http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes())).merge(metrics_router());
-    let http_accept = accept.clone();
-    tasks.spawn(async move {
+    let http_accept = servers.hook.accept.clone();
+    servers.hook.tasks.spawn(async move {
         if let Err(error) = http::serve(http_listener, router, http_accept).await {
             tracing::error!(%error, "hook server failed");
         }
     });
 
-    spawn_reload_on_hangup(server_tls, accept.clone(), tasks);
+    spawn_reload_on_hangup(
+        server_tls,
+        servers.streams.accept.clone(),
+        &mut servers.streams.tasks,
+    );
     Ok(StartedCore {
         core,
         grpc_addr,
@@ -257,8 +281,7 @@ async fn start_upload(
     hook_secret: &str,
     core_url: &reqwest::Url,
     max_upload_bytes: u64,
-    accept: &CancellationToken,
-    tasks: &mut JoinSet<()>,
+    servers: &mut Servers,
 ) -> Result<SocketAddr, AppError> {
     let mut config = http::upload::UploadConfig::new(
         upload_token,
@@ -270,8 +293,8 @@ async fn start_upload(
     let listener = bind_tcp(common.bind, port).await?;
     let addr = listener.local_addr()?;
     println!("workerpush: upload listening on {addr}");
-    let accept = accept.clone();
-    tasks.spawn(async move {
+    let accept = servers.uploads.accept.clone();
+    servers.uploads.tasks.spawn(async move {
         if let Err(error) = http::serve(listener, router, accept).await {
             tracing::error!(%error, "upload server failed");
         }
@@ -279,26 +302,33 @@ async fn start_upload(
     Ok(addr)
 }
 
-/// Waits for `shutdown`, then drains: stop accepting and let in-flight HTTP requests finish,
-/// end every stream with UNAVAILABLE, and wait for the servers up to `grace`.
+/// Waits for `shutdown`, then drains within `grace`, in order:
+/// 1. stop accepting uploads and subscribers (gRPC health says NOT_SERVING; live streams go on
+///    and still carry what is being published);
+/// 2. let in-flight uploads finish: they forward to the hook, which still accepts;
+/// 3. stop accepting on the hook and let in-flight publishes finish;
+/// 4. shut the core down: every stream ends with UNAVAILABLE, the store is closed;
+/// 5. wait for the stream servers. Whatever is left at the deadline is cut off.
 async fn drain(
     shutdown: CancellationToken,
-    accept: CancellationToken,
+    mut servers: Servers,
     core: Option<Arc<Core>>,
-    mut tasks: JoinSet<()>,
     grace: Duration,
 ) {
     shutdown.cancelled().await;
     tracing::info!(?grace, "draining");
-    accept.cancel();
+    let deadline = Instant::now() + grace;
+    servers.uploads.accept.cancel();
+    servers.streams.accept.cancel();
+    let mut finished = servers.uploads.finish(deadline).await;
+    servers.hook.accept.cancel();
+    finished &= servers.hook.finish(deadline).await;
     if let Some(core) = core {
         core.shutdown().await;
     }
-    let joined =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    if joined.is_err() {
-        tracing::warn!("grace period over; cutting off what is left");
-        tasks.abort_all();
+    finished &= servers.streams.finish(deadline).await;
+    if !finished {
+        tracing::warn!("grace period over; cut off what was left");
     }
     println!("workerpush: stopped");
 }

@@ -1,5 +1,6 @@
 //! The mutual-TLS gRPC server (tonic over our own rustls accept loop): the five RPCs of the
-//! contract over the core, plus `grpc.health.v1` and server reflection.
+//! contract over the core, plus `grpc.health.v1` and server reflection (both
+//! `grpc.reflection.v1` and the older `v1alpha` that most stock clients still speak).
 //!
 //! Depends on the core, the TLS module and the generated contract; the core knows nothing of
 //! it. Errors reach clients through the core's one code mapping ([`crate::core::Coded`]).
@@ -7,10 +8,20 @@
 mod incoming;
 mod service;
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
+use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse, health_check_response,
+        health_server::{Health, HealthServer},
+    },
+    server::HealthService,
+};
 
 pub use incoming::{HandshakeLimits, PeerInfo};
 pub use service::ControlPlaneService;
@@ -59,20 +70,33 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = incoming::incoming(listener, tls, limits.handshake, shutdown.clone());
     let service = ControlPlaneService::new(core, limits.max_streams);
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
     health
         .set_serving::<ControlPlaneServer<ControlPlaneService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection = match reflection {
-        Ok(reflection) => Some(reflection),
-        Err(error) => {
-            tracing::error!(%error, "gRPC reflection unavailable");
-            None
-        }
+    let health_service = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(health.clone()),
+        shutdown: shutdown.clone(),
+    });
+    // Both reflection versions list every service served here, each other included.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
+    let (reflection_v1, reflection_v1alpha) =
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => (Some(v1), Some(v1alpha)),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(%error, "gRPC reflection unavailable");
+                (None, None)
+            }
+        };
     let drain = shutdown.clone();
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection)
@@ -80,13 +104,64 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
         .add_service(health_service)
-        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(ControlPlaneServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
             drain.cancelled().await;
+            // Load balancers and health watchers learn first; `Watch` streams then end.
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health
                 .set_not_serving::<ControlPlaneServer<ControlPlaneService>>()
                 .await;
         })
         .await
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// `grpc.health.v1.Health` whose `Watch` streams end at shutdown: after telling the watcher
+/// `NOT_SERVING`, with UNAVAILABLE like every other stream. tonic-health's own watch streams
+/// never end, so one watcher would hold a graceful drain until the grace period cut it off.
+struct DrainingHealth {
+    inner: HealthService,
+    shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = BoxStream<HealthCheckResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let shutdown = self.shutdown.clone();
+        let not_serving = health_check_response::ServingStatus::NotServing as i32;
+        let stream = futures_util::stream::unfold(Some((statuses, false)), move |state| {
+            let shutdown = shutdown.clone();
+            async move {
+                let (mut statuses, told) = state?;
+                if told {
+                    let ended = Status::unavailable("server shutting down");
+                    return Some((Err(ended), None));
+                }
+                let item = statuses.next().await?;
+                let told = shutdown.is_cancelled()
+                    && matches!(&item, Ok(response) if response.status == not_serving);
+                Some((item, Some((statuses, told))))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 }

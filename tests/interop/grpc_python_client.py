@@ -25,10 +25,12 @@ from grpc_tools import protoc
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def start_server(binary, workdir):
+def start_server(binary, workdir, extra=()):
+    """Starts `serve --dev` with every port 0 (plus `extra` flags); returns it and its addresses."""
     proc = subprocess.Popen(
         [binary, "serve", "--dev", "--bind", "127.0.0.1", "--grpc-port", "0", "--quic-port", "0",
-         "--http-port", "0", "--upload-port", "0", "--data-dir", "data", "--certs-dir", "certs"],
+         "--http-port", "0", "--upload-port", "0", "--data-dir", "data", "--certs-dir", "certs",
+         *extra],
         cwd=workdir, stdout=subprocess.PIPE, text=True,
         env={"PATH": os.environ.get("PATH", ""), "RUST_LOG": "warn"})
     lines = queue.Queue()
