@@ -171,6 +171,21 @@ pub struct WorkerStatus<P> {
     pub propagation: P,
 }
 
+impl WorkerStatus<Propagation> {
+    /// The same with the propagation's counts only (listings).
+    pub fn summarized(self) -> WorkerStatus<PropagationSummary> {
+        WorkerStatus {
+            propagation: self.propagation.summary(),
+            name: self.name,
+            version: self.version,
+            revision: self.revision,
+            checksum: self.checksum,
+            size: self.size,
+            updated_ms: self.updated_ms,
+        }
+    }
+}
+
 /// The broadcast core; see the module docs. Cheap to share behind an `Arc`.
 pub struct Core {
     store: Arc<dyn Store>,
@@ -475,7 +490,7 @@ impl Core {
     }
 
     /// Every live worker's latest version and where it stands, by name.
-    pub fn workers_status(&self) -> Vec<WorkerStatus<PropagationSummary>> {
+    pub fn workers_status(&self) -> Vec<WorkerStatus<Propagation>> {
         let mut changes: Vec<Change> = {
             let state = self.hub.read();
             state
@@ -488,11 +503,8 @@ impl Core {
         changes
             .into_iter()
             .map(|change| {
-                let summary = self
-                    .tracker
-                    .propagation(&change.worker, change.revision)
-                    .summary();
-                status_of(change, summary)
+                let propagation = self.tracker.propagation(&change.worker, change.revision);
+                status_of(change, propagation)
             })
             .collect()
     }
@@ -508,13 +520,21 @@ impl Core {
                 .collect()
         };
         latest.shrink_to_fit();
-        self.tracker.consumers(|filter| match filter.names() {
+        let mut all = self.tracker.consumers(|filter| match filter.names() {
             None => latest.iter().map(|(w, r)| (w.clone(), *r)).collect(),
             Some(names) => names
                 .iter()
                 .filter_map(|w| latest.get(w).map(|r| (w.clone(), *r)))
                 .collect(),
-        })
+        });
+        let registry = lock(&self.registry);
+        for consumer in &mut all {
+            if let Some(record) = registry.get(&consumer.consumer_id) {
+                consumer.endpoint.clone_from(&record.endpoint);
+                consumer.labels.clone_from(&record.labels);
+            }
+        }
+        all
     }
 
     /// A bundle: the latest version of `worker`, or `version` if it is latest or still in the

@@ -151,6 +151,10 @@ pub struct ConsumerStatus {
     pub lag: usize,
     /// Its latest failures that are not yet superseded by an applied revision.
     pub failures: Vec<WorkerFailure>,
+    /// The endpoint it registered (`RegisterConsumer`), if any.
+    pub endpoint: String,
+    /// The labels it registered.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A failure to apply, as listed with a consumer.
@@ -404,6 +408,8 @@ impl Tracker {
                     .unwrap_or(0),
                 lag,
                 failures,
+                endpoint: String::new(),
+                labels: BTreeMap::new(),
             }
         };
         let mut all: Vec<_> = state

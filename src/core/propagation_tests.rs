@@ -98,7 +98,18 @@ async fn acked_failed_and_pending_are_told_apart_per_consumer() {
     assert_eq!(status.propagation, done);
     let listed = core.workers_status();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].propagation, done.summary());
+    assert_eq!(listed[0].propagation, done);
+    assert_eq!(
+        listed[0].clone().summarized().propagation,
+        PropagationSummary {
+            revision,
+            state: PropagationState::Failed,
+            subscribers: 3,
+            acked: 2,
+            pending: 0,
+            failed: 1
+        }
+    );
     core.shutdown().await;
 }
 
