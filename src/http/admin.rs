@@ -257,3 +257,102 @@ async fn events(
         });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        sync::{Arc, Mutex},
+    };
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{core::CoreConfig, http::testing::TestServer, store::MemoryStore};
+
+    const TOKEN: &str = "admin-token-0123456789";
+
+    /// Everything the tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    impl io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// A request by hand, so that no client library logs anything of its own.
+    async fn send(server: &TestServer, head: &str, body: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+
+    // The current-thread runtime polls the server on this thread, where the subscriber is set.
+    #[tokio::test]
+    async fn tokens_never_reach_the_logs_even_at_trace() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let core = Core::open(Arc::new(MemoryStore::new(10)), CoreConfig::default())
+            .await
+            .unwrap();
+        let token = BearerToken::new(TOKEN).unwrap();
+        let session = token.session_value();
+        let server = TestServer::start(router(core.clone(), token)).await;
+
+        let signed_in = send(&server, &format!("GET /?token={TOKEN} HTTP/1.1"), "").await;
+        assert!(signed_in.starts_with("HTTP/1.1 303"), "{signed_in}");
+        let wrong = send(&server, &format!("GET /?token={TOKEN}x HTTP/1.1"), "").await;
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        let form = "POST /login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded";
+        let login = send(&server, form, &format!("token={TOKEN}")).await;
+        assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+        let api = format!("GET /v1/workers HTTP/1.1\r\nAuthorization: Bearer {TOKEN}");
+        assert!(send(&server, &api, "").await.starts_with("HTTP/1.1 200"));
+        let page = format!("GET / HTTP/1.1\r\nCookie: {SESSION_COOKIE}={session}");
+        assert!(send(&server, &page, "").await.starts_with("HTTP/1.1 200"));
+        let refused = send(&server, "GET /v1/consumers HTTP/1.1", "").await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+
+        core.shutdown().await;
+        server.stop().await;
+        let text = logs.text();
+        assert!(
+            text.contains("sign-in with a wrong token"),
+            "the logs were captured: {text}"
+        );
+        assert!(!text.contains(TOKEN), "a token in the logs: {text}");
+        assert!(!text.contains(&session), "a session in the logs: {text}");
+    }
+}
