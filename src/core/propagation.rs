@@ -185,8 +185,16 @@ struct Departed {
 #[derive(Default)]
 struct TrackerState {
     live: BTreeMap<u64, Arc<SubscriberInfo>>,
+    /// How many live subscriptions each consumer id has.
+    connected: HashMap<ConsumerId, usize>,
     departed: HashMap<ConsumerId, Departed>,
     acks: HashMap<ConsumerId, HashMap<WorkerName, AckState>>,
+}
+
+impl TrackerState {
+    fn knows(&self, consumer: &ConsumerId) -> bool {
+        self.connected.contains_key(consumer) || self.departed.contains_key(consumer)
+    }
 }
 
 /// What a propagation is computed over: one subscriber per consumer id.
@@ -227,6 +235,7 @@ impl Tracker {
         {
             let mut state = lock(&self.state);
             state.departed.remove(&info.consumer_id);
+            *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
             state.live.insert(info.id, info);
         }
         self.bump();
@@ -236,11 +245,17 @@ impl Tracker {
         {
             let mut state = lock(&self.state);
             if let Some(info) = state.live.remove(&id) {
-                let still_live = state
-                    .live
-                    .values()
-                    .any(|other| other.consumer_id == info.consumer_id);
-                if !still_live {
+                let left = match state.connected.get_mut(&info.consumer_id) {
+                    Some(count) if *count > 1 => {
+                        *count -= 1;
+                        false
+                    }
+                    _ => {
+                        state.connected.remove(&info.consumer_id);
+                        true
+                    }
+                };
+                if left {
                     let consumer = info.consumer_id.clone();
                     let at = Instant::now();
                     state.departed.insert(consumer, Departed { info, at });
@@ -253,14 +268,15 @@ impl Tracker {
 
     fn forget_old(&self, state: &mut TrackerState) {
         let remember = self.remember;
+        state.departed.retain(|_, d| d.at.elapsed() < remember);
         let TrackerState {
-            live,
+            connected,
             departed,
             acks,
+            ..
         } = state;
-        departed.retain(|_, d| d.at.elapsed() < remember);
         acks.retain(|consumer, _| {
-            departed.contains_key(consumer) || live.values().any(|i| &i.consumer_id == consumer)
+            connected.contains_key(consumer) || departed.contains_key(consumer)
         });
     }
 
@@ -276,9 +292,7 @@ impl Tracker {
     ) -> bool {
         {
             let mut state = lock(&self.state);
-            let known = state.departed.contains_key(consumer)
-                || state.live.values().any(|i| &i.consumer_id == consumer);
-            if !known {
+            if !state.knows(consumer) {
                 return false;
             }
             let entry = state

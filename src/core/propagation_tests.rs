@@ -286,3 +286,23 @@ async fn changes_are_announced_on_publish_subscribe_and_ack() {
     assert!(changes.has_changed().unwrap(), "unsubscribe");
     core.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_consumer_with_two_subscriptions_counts_once_and_stays_while_one_is_live() {
+    let core = core_with(CoreConfig {
+        remember_departed: Duration::ZERO,
+        ..CoreConfig::default()
+    })
+    .await;
+    let first = subscribe(&core, "edge/a", &[]);
+    let _second = subscribe(&core, "edge/a", &["app"]);
+    let revision = put(&core, "app", "1").await;
+    let p = core.propagation(&w("app"), revision, Duration::ZERO).await;
+    assert_eq!(p.subscribers, 1);
+    drop(first);
+    ack(&core, "edge/a", "app", revision, None).await;
+    let p = core.propagation(&w("app"), revision, Duration::ZERO).await;
+    assert_eq!((p.subscribers, p.state), (1, PropagationState::Complete));
+    assert!(p.acked.iter().all(|a| a.consumer_id.as_str() == "edge/a"));
+    core.shutdown().await;
+}
