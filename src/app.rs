@@ -185,9 +185,11 @@ struct StartedCore {
 async fn start_core(
     args: &CoreArgs,
     hook_secret: &str,
-    _admin_token: &str,
+    admin_token: &str,
     servers: &mut Servers,
 ) -> Result<StartedCore, AppError> {
+    let admin_token = http::auth::BearerToken::new(admin_token)
+        .ok_or_else(|| AppError::Config("ADMIN_TOKEN must not be empty".into()))?;
     let server_tls = Arc::new(ServerTls::load(&args.common.certs_dir)?);
     let config = CoreConfig {
         retain_changes: args.retain_changes.max(1),
@@ -218,7 +220,9 @@ async fn start_core(
     let http_addr = http_listener.local_addr()?;
     println!("workerpush: grpc listening on {grpc_addr} (mTLS)");
     println!("workerpush: quic listening on {quic_addr} (mTLS, ALPN workerpush/1)");
-    println!("workerpush: http listening on {http_addr} (hook, health, metrics)");
+    println!(
+        "workerpush: http listening on {http_addr} (hook, health, metrics, admin, status page)"
+    );
 
     let limits = GrpcLimits {
         max_streams: args.grpc_max_streams.max(1),
@@ -252,8 +256,12 @@ async fn start_core(
         }
     });
 
-    let router =
-        http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes())).merge(metrics_router());
+    let router = http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes()))
+        .merge(http::admin::router(core.clone(), admin_token))
+        .merge(metrics_router(
+            &servers.hook.accept,
+            &mut servers.hook.tasks,
+        ));
     let http_accept = servers.hook.accept.clone();
     servers.hook.tasks.spawn(async move {
         if let Err(error) = http::serve(http_listener, router, http_accept).await {
@@ -357,10 +365,37 @@ fn spawn_reload_on_hangup(tls: Arc<ServerTls>, stop: CancellationToken, tasks: &
     });
 }
 
-fn metrics_router() -> axum::Router {
-    use metrics_exporter_prometheus::PrometheusBuilder;
-    let handle = match PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
+/// Buckets of the latency histograms, in seconds: a millisecond to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// `GET /metrics` (Prometheus text). Installs the process-wide recorder (once per process: a
+/// second call serves an empty page and says so), and a task that keeps its histograms from
+/// growing between scrapes.
+fn metrics_router(stop: &CancellationToken, tasks: &mut JoinSet<()>) -> axum::Router {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let installed = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_latency_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )
+        .and_then(PrometheusBuilder::install_recorder);
+    let handle = match installed {
+        Ok(handle) => {
+            describe_metrics();
+            let (upkeep, stop) = (handle.clone(), stop.clone());
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => upkeep.run_upkeep(),
+                        () = stop.cancelled() => return,
+                    }
+                }
+            });
+            Some(handle)
+        }
         Err(error) => {
             tracing::warn!(%error, "metrics recorder not installed");
             None
@@ -381,6 +416,55 @@ fn metrics_router() -> axum::Router {
             }
         }),
     )
+}
+
+/// The `# HELP` lines of every metric (the README's table says the same).
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("workerpush_subscribers", "Live subscriptions, by transport");
+    describe_counter!(
+        "workerpush_subscriptions_total",
+        "Subscriptions started, by how: replay (resumed from the log) or reset (RESET + snapshot)"
+    );
+    describe_counter!(
+        "workerpush_resyncs_total",
+        "Subscriptions that fell out of the retained log and started over with RESET + snapshot"
+    );
+    describe_counter!(
+        "workerpush_changes_published_total",
+        "Changes accepted, by kind (put, delete); repeats of the latest version not counted"
+    );
+    describe_counter!(
+        "workerpush_deliveries_total",
+        "Updates handed to subscribers, markers included, by transport"
+    );
+    describe_counter!(
+        "workerpush_sent_bytes_total",
+        Unit::Bytes,
+        "Encoded bytes of the updates handed to subscribers, by transport"
+    );
+    describe_histogram!(
+        "workerpush_delivery_latency_seconds",
+        Unit::Seconds,
+        "From the core accepting a change to handing it to a subscriber (live and replayed changes, not snapshots), by transport"
+    );
+    describe_histogram!(
+        "workerpush_ack_latency_seconds",
+        Unit::Seconds,
+        "From the core accepting a change to a consumer acknowledging it as applied, by transport"
+    );
+    describe_counter!(
+        "workerpush_acks_total",
+        "Acknowledgements, by outcome: applied, or failed (a nack with a reason)"
+    );
+    describe_counter!(
+        "workerpush_hook_refusals_total",
+        "Hook requests refused, by reason"
+    );
+    describe_counter!(
+        "workerpush_upload_refusals_total",
+        "Upload API requests refused, by reason"
+    );
 }
 
 async fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {

@@ -319,6 +319,20 @@ impl HubState {
             .cloned()
     }
 
+    /// The change of `worker` at `revision`, if it is the worker's latest or still in the log.
+    pub fn change_at(&self, worker: &WorkerName, revision: Revision) -> Option<&Change> {
+        if let Some(entry) = self.latest.get(worker)
+            && entry.change.revision == revision
+        {
+            return Some(&entry.change);
+        }
+        let index = usize::try_from(revision.checked_sub(self.first_retained())?).ok()?;
+        self.log
+            .get(index)
+            .map(|entry| &entry.change)
+            .filter(|change| &change.worker == worker)
+    }
+
     /// How many live workers there are.
     pub fn live_workers(&self) -> usize {
         self.latest.len()

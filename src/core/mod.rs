@@ -1,5 +1,6 @@
 //! The broadcast core: revisions, epochs, the retained log, subscriptions with replay, RESET
-//! and SYNCED, publishing, fetching, listing, the consumer registry and acknowledgements.
+//! and SYNCED, publishing, fetching, listing, the consumer registry, acknowledgements and
+//! propagation (who holds which version, who failed and why).
 //!
 //! It knows nothing of tonic, quinn, axum or redis: transports and the hook call [`Core`], and
 //! durable state sits behind [`crate::store::Store`]. A follower task is the only writer of the
@@ -9,6 +10,7 @@
 
 pub mod error;
 pub mod hub;
+pub mod propagation;
 pub mod subscription;
 pub mod types;
 
@@ -23,14 +25,22 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::task::JoinHandle;
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{Coded, ErrorCode, InvalidInput, PublishError, RequestError};
+pub use propagation::{
+    Acked, ConsumerStatus, Failed, Pending, Propagation, PropagationState, PropagationSummary,
+    WorkerFailure,
+};
 pub use subscription::{Ended, Start, SubscriberInfo, Subscription};
 pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, WorkerName};
 
-use self::hub::{Entry, Hub, Retention};
+use self::{
+    hub::{Entry, Hub, Retention},
+    propagation::Tracker,
+};
 use crate::{
     pb::WorkerUpdate,
     store::{Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Store, StoreError, Tail},
@@ -51,6 +61,9 @@ pub struct CoreConfig {
     pub progress_interval: Duration,
     /// How often the follower polls the store when no hint arrives.
     pub poll_interval: Duration,
+    /// How long a consumer that disconnected still counts as a subscriber (pending) of the
+    /// workers it followed, so that one resuming after a blip is waited for.
+    pub remember_departed: Duration,
 }
 
 impl Default for CoreConfig {
@@ -62,6 +75,7 @@ impl Default for CoreConfig {
             max_code_bytes: 10 << 20,
             progress_interval: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            remember_departed: Duration::from_secs(300),
         }
     }
 }
@@ -137,6 +151,41 @@ pub struct Ack {
     pub error: String,
 }
 
+/// A live worker and where its latest version stands: a [`Propagation`] (one worker) or a
+/// [`PropagationSummary`] (listings).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerStatus<P> {
+    /// The worker.
+    pub name: WorkerName,
+    /// Its latest version.
+    pub version: Version,
+    /// The revision that put it.
+    pub revision: Revision,
+    /// Its checksum.
+    pub checksum: Checksum,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Unix ms when the core accepted it.
+    pub updated_ms: i64,
+    /// Where it stands across the worker's subscribers.
+    pub propagation: P,
+}
+
+impl WorkerStatus<Propagation> {
+    /// The same with the propagation's counts only (listings).
+    pub fn summarized(self) -> WorkerStatus<PropagationSummary> {
+        WorkerStatus {
+            propagation: self.propagation.summary(),
+            name: self.name,
+            version: self.version,
+            revision: self.revision,
+            checksum: self.checksum,
+            size: self.size,
+            updated_ms: self.updated_ms,
+        }
+    }
+}
+
 /// The broadcast core; see the module docs. Cheap to share behind an `Arc`.
 pub struct Core {
     store: Arc<dyn Store>,
@@ -144,7 +193,7 @@ pub struct Core {
     config: CoreConfig,
     shutdown: CancellationToken,
     fresh_code: Mutex<HashMap<Checksum, Bytes>>,
-    subscribers: Arc<Mutex<BTreeMap<u64, Arc<SubscriberInfo>>>>,
+    tracker: Arc<Tracker>,
     next_subscriber: AtomicU64,
     registry: Mutex<HashMap<ConsumerId, ConsumerRecord>>,
     store_healthy: AtomicBool,
@@ -172,13 +221,14 @@ impl Core {
             Vec::new(),
             retention,
         );
+        let tracker = Arc::new(Tracker::new(config.remember_departed));
         let core = Arc::new(Self {
             store,
             hub: Arc::new(empty),
             config,
             shutdown: CancellationToken::new(),
             fresh_code: Mutex::new(HashMap::new()),
-            subscribers: Arc::new(Mutex::new(BTreeMap::new())),
+            tracker,
             next_subscriber: AtomicU64::new(1),
             registry: Mutex::new(registry),
             store_healthy: AtomicBool::new(true),
@@ -375,8 +425,8 @@ impl Core {
             since_ms: now_ms(),
             delivered: AtomicU64::new(0),
         });
-        lock(&self.subscribers).insert(id, info.clone());
-        let subscribers = self.subscribers.clone();
+        self.tracker.subscribed(info.clone());
+        let tracker = self.tracker.clone();
         let transport = params.transport;
         metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
         let subscription = Subscription::new(
@@ -387,7 +437,7 @@ impl Core {
             self.config.progress_interval,
             info,
             Box::new(move |id| {
-                lock(&subscribers).remove(&id);
+                tracker.unsubscribed(id);
                 metrics::gauge!("workerpush_subscribers", "transport" => transport).decrement(1.0);
             }),
         );
@@ -401,7 +451,95 @@ impl Core {
 
     /// The live subscriptions.
     pub fn subscribers(&self) -> Vec<Arc<SubscriberInfo>> {
-        lock(&self.subscribers).values().cloned().collect()
+        self.tracker.live()
+    }
+
+    /// A receiver that changes whenever something an operator sees changes: a change became
+    /// visible, a subscription started or ended, a consumer acknowledged. Values are opaque.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.tracker.watch()
+    }
+
+    /// Where `revision` of `worker` stands across the worker's current subscribers (live
+    /// subscriptions whose filter passes it, and consumers that left less than
+    /// [`CoreConfig::remember_departed`] ago). Waits up to `wait` for every one of them to
+    /// answer (acknowledge or fail), waking on each acknowledgement; answers early when the
+    /// core shuts down.
+    pub async fn propagation(
+        &self,
+        worker: &WorkerName,
+        revision: Revision,
+        wait: Duration,
+    ) -> Propagation {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.tracker.watch();
+        loop {
+            changes.borrow_and_update();
+            let propagation = self.tracker.propagation(worker, revision);
+            if propagation.pending.is_empty() || self.is_shutting_down() {
+                return propagation;
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return propagation },
+                () = tokio::time::sleep_until(deadline) => return propagation,
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// A live worker's latest version and where it stands.
+    pub fn worker_status(&self, worker: &WorkerName) -> Option<WorkerStatus<Propagation>> {
+        let change = self.hub.read().latest(worker)?.change.clone();
+        let propagation = self.tracker.propagation(worker, change.revision);
+        Some(status_of(change, propagation))
+    }
+
+    /// Every live worker's latest version and where it stands, by name.
+    pub fn workers_status(&self) -> Vec<WorkerStatus<Propagation>> {
+        let mut changes: Vec<Change> = {
+            let state = self.hub.read();
+            state
+                .snapshot(&WorkerFilter::all())
+                .iter()
+                .map(|e| e.change.clone())
+                .collect()
+        };
+        changes.sort_by(|a, b| a.worker.cmp(&b.worker));
+        changes
+            .into_iter()
+            .map(|change| {
+                let propagation = self.tracker.propagation(&change.worker, change.revision);
+                status_of(change, propagation)
+            })
+            .collect()
+    }
+
+    /// Every live subscription, then every consumer that left recently, with what it holds.
+    pub fn consumers_status(&self) -> Vec<ConsumerStatus> {
+        let mut latest: HashMap<WorkerName, Revision> = {
+            let state = self.hub.read();
+            state
+                .snapshot(&WorkerFilter::all())
+                .iter()
+                .map(|e| (e.change.worker.clone(), e.change.revision))
+                .collect()
+        };
+        latest.shrink_to_fit();
+        let mut all = self.tracker.consumers(|filter| match filter.names() {
+            None => latest.iter().map(|(w, r)| (w.clone(), *r)).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|w| latest.get(w).map(|r| (w.clone(), *r)))
+                .collect(),
+        });
+        let registry = lock(&self.registry);
+        for consumer in &mut all {
+            if let Some(record) = registry.get(&consumer.consumer_id) {
+                consumer.endpoint.clone_from(&record.endpoint);
+                consumer.labels.clone_from(&record.labels);
+            }
+        }
+        all
     }
 
     /// A bundle: the latest version of `worker`, or `version` if it is latest or still in the
@@ -495,6 +633,33 @@ impl Core {
         };
         let outcome = if ack.applied { "applied" } else { "failed" };
         metrics::counter!("workerpush_acks_total", "outcome" => outcome).increment(1);
+        let (published_ms, head) = {
+            let state = self.hub.read();
+            let published = state
+                .change_at(&ack.worker, ack.revision)
+                .map(|c| c.timestamp_ms);
+            (published, state.head())
+        };
+        let latency_ms = published_ms.map(|at| u64::try_from(now_ms() - at).unwrap_or(0));
+        if ack.applied
+            && let Some(ms) = latency_ms
+        {
+            metrics::histogram!("workerpush_ack_latency_seconds", "transport" => transport.to_owned())
+                .record(ms as f64 / 1000.0);
+        }
+        // A revision this core has not made visible cannot have been applied: ignore it rather
+        // than let it vouch for changes to come.
+        let recorded = ack.revision <= head
+            && self.tracker.record(
+                &ack.consumer_id,
+                &ack.worker,
+                ack.revision,
+                if ack.applied { Ok(()) } else { Err(&ack.error) },
+                latency_ms,
+            );
+        if !recorded {
+            tracing::debug!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, head, "ack from no current subscriber or beyond the head; not tracked");
+        }
         if !ack.applied {
             tracing::warn!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, error = %ack.error, "consumer could not apply");
         }
@@ -564,6 +729,7 @@ impl Core {
                         "store returned changes that do not follow the head".to_owned(),
                     ));
                 }
+                self.tracker.bump();
                 Ok(true)
             }
             _ => {
@@ -607,6 +773,7 @@ impl Core {
             tail_entries.push(entry);
         }
         self.hub.replace(epoch, head, latest_entries, tail_entries);
+        self.tracker.bump();
         Ok(())
     }
 
@@ -639,6 +806,18 @@ impl Core {
     }
 }
 
+fn status_of<P>(change: Change, propagation: P) -> WorkerStatus<P> {
+    WorkerStatus {
+        name: change.worker,
+        version: change.version,
+        revision: change.revision,
+        checksum: change.checksum,
+        size: change.size,
+        updated_ms: change.timestamp_ms,
+        propagation,
+    }
+}
+
 fn new_record(id: ConsumerId, now: i64) -> ConsumerRecord {
     ConsumerRecord {
         id,
@@ -667,3 +846,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod propagation_tests;

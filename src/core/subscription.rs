@@ -5,6 +5,11 @@
 //! per subscriber beyond one small batch, so a reader that stalls costs no memory and slows no
 //! one; when it reads again it catches up from the log, or starts over with a RESET if the log
 //! has moved past it.
+//!
+//! Handing an update over is where delivery is measured, the same for every transport: the
+//! bytes (`workerpush_sent_bytes_total`) and, for changes read from the log (live or replayed,
+//! not snapshots), the time since the core accepted them
+//! (`workerpush_delivery_latency_seconds`), through handles made once per subscription.
 
 use std::{
     collections::VecDeque,
@@ -27,6 +32,30 @@ use crate::pb::{EncodedUpdate, UpdateKind};
 
 /// Changes read from the hub per lock; also the most a subscription holds in memory.
 const BATCH: usize = 256;
+
+/// An update ready to hand over.
+struct Ready {
+    revision: Revision,
+    update: EncodedUpdate,
+    /// When the core accepted the change, for changes read from the log.
+    accepted_ms: Option<i64>,
+}
+
+impl Ready {
+    fn untimed(revision: Revision, update: EncodedUpdate) -> Self {
+        Self {
+            revision,
+            update,
+            accepted_ms: None,
+        }
+    }
+}
+
+/// Per-subscription metric handles: no registry lookup per update.
+struct DeliveryMetrics {
+    latency: metrics::Histogram,
+    bytes: metrics::Counter,
+}
 
 /// Why a subscription ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -75,9 +104,10 @@ pub struct Subscription {
     sync_target: Option<Revision>,
     progress_due: Option<Instant>,
     progress_interval: Duration,
-    pending: VecDeque<(Revision, EncodedUpdate)>,
+    pending: VecDeque<Ready>,
     start: Start,
     info: Arc<SubscriberInfo>,
+    metrics: DeliveryMetrics,
     on_drop: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
 }
 
@@ -94,6 +124,11 @@ impl Subscription {
     ) -> Self {
         let mut head_rx = hub.watch_head();
         head_rx.borrow_and_update();
+        let transport = info.transport;
+        let metrics = DeliveryMetrics {
+            latency: metrics::histogram!("workerpush_delivery_latency_seconds", "transport" => transport),
+            bytes: metrics::counter!("workerpush_sent_bytes_total", "transport" => transport),
+        };
         let mut subscription = {
             let hub_for_read = hub.clone();
             let state = hub_for_read.read();
@@ -110,6 +145,7 @@ impl Subscription {
                 pending: VecDeque::new(),
                 start: Start::Reset,
                 info,
+                metrics,
                 on_drop: Some(on_drop),
             };
             match resume {
@@ -139,9 +175,8 @@ impl Subscription {
     /// The next update to send. Waits for one; ends only when the core shuts down.
     pub async fn next(&mut self) -> Result<EncodedUpdate, Ended> {
         loop {
-            if let Some((revision, update)) = self.pending.pop_front() {
-                self.info.delivered.fetch_max(revision, Ordering::Relaxed);
-                return Ok(update);
+            if let Some(ready) = self.pending.pop_front() {
+                return Ok(self.hand_over(ready));
             }
             if self.shutdown.is_cancelled() {
                 return Err(Ended::ShuttingDown);
@@ -158,9 +193,20 @@ impl Subscription {
         if self.pending.is_empty() && !self.shutdown.is_cancelled() {
             self.refill();
         }
-        let (revision, update) = self.pending.pop_front()?;
-        self.info.delivered.fetch_max(revision, Ordering::Relaxed);
-        Some(update)
+        let ready = self.pending.pop_front()?;
+        Some(self.hand_over(ready))
+    }
+
+    fn hand_over(&self, ready: Ready) -> EncodedUpdate {
+        self.info
+            .delivered
+            .fetch_max(ready.revision, Ordering::Relaxed);
+        self.metrics.bytes.increment(ready.update.0.len() as u64);
+        if let Some(accepted) = ready.accepted_ms {
+            let millis = (now_ms() - accepted).max(0);
+            self.metrics.latency.record(millis as f64 / 1000.0);
+        }
+        ready.update
     }
 
     /// Reads what follows the cursor into `pending`. Returns whether there is something to
@@ -185,8 +231,11 @@ impl Subscription {
             for entry in entries {
                 self.cursor = entry.change.revision;
                 if self.filter.matches(&entry.change.worker) {
-                    self.pending
-                        .push_back((entry.change.revision, entry.encoded.clone()));
+                    self.pending.push_back(Ready {
+                        revision: entry.change.revision,
+                        update: entry.encoded.clone(),
+                        accepted_ms: Some(entry.change.timestamp_ms),
+                    });
                     self.progress_due = None;
                 } else if self.progress_due.is_none() {
                     self.progress_due = Some(Instant::now() + self.progress_interval);
@@ -233,7 +282,7 @@ impl Subscription {
 
     fn push_synced(&mut self, revision: Revision) {
         self.progress_due = None;
-        self.pending.push_back((
+        self.pending.push_back(Ready::untimed(
             revision,
             marker(UpdateKind::Synced, revision, &self.epoch, now_ms()),
         ));
@@ -243,11 +292,14 @@ impl Subscription {
     fn reset(&mut self, state: &HubState) {
         self.epoch = state.epoch().clone();
         self.pending.clear();
-        self.pending
-            .push_back((0, marker(UpdateKind::Reset, 0, &self.epoch, now_ms())));
+        self.pending.push_back(Ready::untimed(
+            0,
+            marker(UpdateKind::Reset, 0, &self.epoch, now_ms()),
+        ));
+        // Snapshot entries are not timed: their age says nothing about delivery.
         for entry in state.snapshot(&self.filter) {
             self.pending
-                .push_back((entry.change.revision, entry.encoded.clone()));
+                .push_back(Ready::untimed(entry.change.revision, entry.encoded.clone()));
         }
         self.cursor = state.head();
         self.sync_target = None;

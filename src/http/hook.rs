@@ -5,6 +5,10 @@
 //! read), then the raw body is read under a hard limit, its HMAC checked in constant time, the
 //! signature admitted once by the replay guard, and only then is the multipart parsed from
 //! those same bytes and handed to [`Core::publish`] or [`Core::delete`].
+//!
+//! With `?wait=<duration>` (at most [`MAX_WAIT`](super::MAX_WAIT)) the answer waits until
+//! every current subscriber of the worker has acknowledged (or refused) the change, or the
+//! duration passes, and carries the [`Propagation`].
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -12,7 +16,7 @@ use axum::{
     Json, Router,
     body::Body,
     extract::State,
-    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
+    http::{HeaderMap, StatusCode, Uri, header::CONTENT_TYPE},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -22,9 +26,11 @@ use serde::{Deserialize, Serialize};
 use super::{
     ApiError, BodyError, content_length, read_body,
     signing::{HookAuthError, ReplayGuard, SignedHeaders},
-    unix_now,
+    unix_now, wait_param,
 };
-use crate::core::{Checksum, Core, InvalidInput, PublishError, Published, Version, WorkerName};
+use crate::core::{
+    Checksum, Core, InvalidInput, Propagation, PublishError, Published, Version, WorkerName,
+};
 
 /// Room for the `metadata` field and multipart framing on top of the largest code.
 pub const FORM_OVERHEAD_BYTES: u64 = 64 << 10;
@@ -97,6 +103,16 @@ impl From<Published> for Accepted {
     }
 }
 
+/// The answer to an accepted hook request that asked to `wait`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AcceptedAfterWait {
+    /// The change.
+    #[serde(flatten)]
+    pub accepted: Accepted,
+    /// Where it stands across the worker's subscribers when the wait ended.
+    pub propagation: Propagation,
+}
+
 #[derive(Clone)]
 struct HookState {
     core: Arc<Core>,
@@ -152,6 +168,8 @@ enum Refusal {
     Body(#[from] BodyError),
     #[error("{0}")]
     Form(String),
+    #[error("{0}")]
+    Wait(String),
     #[error(transparent)]
     Publish(#[from] PublishError),
 }
@@ -162,6 +180,7 @@ impl Refusal {
             Self::Auth(e) => e.reason(),
             Self::Body(e) => e.reason(),
             Self::Form(_) => "invalid_form",
+            Self::Wait(_) => "invalid_wait",
             Self::Publish(e) => match e {
                 PublishError::Invalid(_) => "invalid",
                 PublishError::ChecksumMismatch { .. } => "checksum_mismatch",
@@ -186,7 +205,9 @@ impl From<Refusal> for ApiError {
                 ApiError::new(StatusCode::UNAUTHORIZED, format!("unauthenticated: {e}"))
             }
             Refusal::Body(e) => e.into(),
-            Refusal::Form(message) => ApiError::new(StatusCode::BAD_REQUEST, message),
+            Refusal::Form(message) | Refusal::Wait(message) => {
+                ApiError::new(StatusCode::BAD_REQUEST, message)
+            }
             Refusal::Publish(e) => ApiError::from_coded(&e),
         }
     }
@@ -198,9 +219,21 @@ impl From<InvalidInput> for Refusal {
     }
 }
 
-async fn broadcast(State(state): State<HookState>, headers: HeaderMap, body: Body) -> Response {
-    match accept(&state, &headers, body).await {
-        Ok((status, accepted)) => (status, Json(accepted)).into_response(),
+async fn broadcast(
+    State(state): State<HookState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match accept(&state, &uri, &headers, body).await {
+        Ok((status, accepted, None)) => (status, Json(accepted)).into_response(),
+        Ok((status, accepted, Some(propagation))) => {
+            let answer = AcceptedAfterWait {
+                accepted,
+                propagation,
+            };
+            (status, Json(answer)).into_response()
+        }
         Err(refusal) => {
             let reason = refusal.reason();
             metrics::counter!("workerpush_hook_refusals_total", "reason" => reason).increment(1);
@@ -210,12 +243,14 @@ async fn broadcast(State(state): State<HookState>, headers: HeaderMap, body: Bod
     }
 }
 
-/// Answers 201 for a new version, 200 for a repeat or a delete.
+/// Answers 201 for a new version, 200 for a repeat or a delete; with `?wait=`, also the
+/// propagation when every subscriber answered or the wait is over.
 async fn accept(
     state: &HookState,
+    uri: &Uri,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Accepted), Refusal> {
+) -> Result<(StatusCode, Accepted, Option<Propagation>), Refusal> {
     if state.core.is_shutting_down() {
         return Err(PublishError::ShuttingDown.into());
     }
@@ -225,6 +260,7 @@ async fn accept(
     let raw = read_body(content_length(headers), body, limit).await?;
     signed.verify_body(&state.secret, &raw)?;
     state.replay.admit(&signed, unix_now())?;
+    let wait = wait_param(uri).map_err(|e| Refusal::Wait(e.message))?;
 
     let content_type = headers
         .get(CONTENT_TYPE)
@@ -267,7 +303,16 @@ async fn accept(
         worker = %published.worker, version = %published.version,
         revision = published.revision, created = published.created, "hook change accepted"
     );
-    Ok((status, published.into()))
+    let propagation = match wait {
+        Some(wait) => Some(
+            state
+                .core
+                .propagation(&published.worker, published.revision, wait)
+                .await,
+        ),
+        None => None,
+    };
+    Ok((status, published.into(), propagation))
 }
 
 struct Form {

@@ -1,14 +1,20 @@
-//! HTTP: the core's signed hook ([`hook`]), the deployer-facing upload API ([`upload`]), the
-//! hook signature ([`signing`]) and what they share: the one mapping from the core's
-//! [`ErrorCode`] to HTTP statuses, the JSON error body, bounded body reading, and [`serve`],
-//! which runs a router on a bound listener with timeouts against slow clients and a graceful
-//! drain.
+//! HTTP: the core's signed hook ([`hook`]), its admin API and live status page ([`admin`],
+//! [`status_page`]), the deployer-facing upload API ([`upload`]), the hook signature
+//! ([`signing`]), bearer tokens ([`auth`]) and what they share: the one mapping from the core's
+//! [`ErrorCode`] to HTTP statuses, the JSON error body, the `?wait=` parameter, bounded body
+//! reading, and [`serve`], which runs a router on a bound listener with timeouts against slow
+//! clients and a graceful drain.
+//!
+//! No request is logged with its URI: the status page takes its token as a query parameter.
 //!
 //! Depends on [`crate::core`] (errors and the [`crate::core::Core`] API); the core never
 //! depends on this module.
 
+pub mod admin;
+pub mod auth;
 pub mod hook;
 pub mod signing;
+pub mod status_page;
 pub mod upload;
 
 use std::{error::Error as StdError, io, net::SocketAddr, time::Duration};
@@ -46,6 +52,32 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
     }
+}
+
+/// The longest `?wait=` a hook or upload request may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The `wait` query parameter of `uri` (`500ms`, `5s`, `1m`): `None` when absent; an error
+/// (400) when malformed or longer than [`MAX_WAIT`].
+pub fn wait_param(uri: &http::Uri) -> Result<Option<Duration>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct WaitQuery {
+        wait: Option<String>,
+    }
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, message);
+    let axum::extract::Query(query) = axum::extract::Query::<WaitQuery>::try_from_uri(uri)
+        .map_err(|e| bad(format!("invalid query string: {e}")))?;
+    let Some(text) = query.wait else {
+        return Ok(None);
+    };
+    let wait = crate::config::parse_duration(&text).map_err(|e| bad(format!("wait: {e}")))?;
+    if wait > MAX_WAIT {
+        return Err(bad(format!(
+            "wait: {text:?} is longer than the limit of {}s",
+            MAX_WAIT.as_secs()
+        )));
+    }
+    Ok(Some(wait))
 }
 
 /// An error answer: a status and `{"error": message}`.
@@ -386,6 +418,26 @@ mod tests {
 
     use super::{testing::TestServer, *};
     use crate::core::PublishError;
+
+    #[test]
+    fn wait_parameter_parses_durations_up_to_the_cap() {
+        let wait = |query: &str| wait_param(&format!("/upload{query}").parse().unwrap());
+        assert_eq!(wait(""), Ok(None));
+        assert_eq!(wait("?other=1"), Ok(None));
+        assert_eq!(wait("?wait=5s"), Ok(Some(Duration::from_secs(5))));
+        assert_eq!(wait("?wait=250ms"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(wait("?wait=0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(wait("?wait=1m"), Ok(Some(MAX_WAIT)));
+        for bad in ["?wait=61s", "?wait=2m", "?wait=", "?wait=soon", "?wait=-1s"] {
+            let error = wait(bad).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(
+                error.message.starts_with("wait: "),
+                "{bad}: {}",
+                error.message
+            );
+        }
+    }
 
     #[test]
     fn error_codes_map_to_http_statuses() {

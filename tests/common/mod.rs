@@ -347,3 +347,165 @@ pub fn quic_transport(
     .unwrap();
     workerpush::client::QuicTransport::new(&format!("localhost:{}", quic.port()), config).unwrap()
 }
+
+/// A gRPC consumer driven by hand: it reads what the test asks for and acknowledges exactly
+/// what the test says (applied, or failed with a reason).
+pub struct HandConsumer {
+    pub id: String,
+    session: Box<dyn Session>,
+    stream: workerpush::client::UpdateStream,
+    /// Every update received, in order.
+    pub received: Vec<workerpush::pb::WorkerUpdate>,
+}
+
+impl HandConsumer {
+    /// Subscribes as `id` (`consumer-1` or `consumer-1/suffix`) to `workers` (empty: all),
+    /// fresh or resuming from `(epoch, revision)`, and reads up to the first SYNCED.
+    pub async fn subscribe(
+        certs: &Path,
+        grpc: SocketAddr,
+        id: &str,
+        workers: &[&str],
+        resume: Option<(&str, u64)>,
+    ) -> Self {
+        let identity = id.split('/').next().unwrap();
+        let session = grpc_session(certs, grpc, identity).await;
+        let stream = session
+            .subscribe(workerpush::pb::SubscribeRequest {
+                consumer_id: id.to_owned(),
+                worker_names: workers.iter().map(|w| (*w).to_owned()).collect(),
+                resume_revision: resume.map_or(0, |r| r.1),
+                epoch: resume.map(|r| r.0.to_owned()).unwrap_or_default(),
+            })
+            .await
+            .unwrap();
+        let mut consumer = Self {
+            id: id.to_owned(),
+            session,
+            stream,
+            received: Vec::new(),
+        };
+        while consumer.next().await.kind != workerpush::pb::UpdateKind::Synced as i32 {}
+        consumer
+    }
+
+    /// The next update, whatever its kind.
+    pub async fn next(&mut self) -> workerpush::pb::WorkerUpdate {
+        use futures_util::StreamExt;
+        let update = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("{}: no update within 10 s", self.id))
+            .expect("stream open")
+            .expect("no error");
+        self.received.push(update.clone());
+        update
+    }
+
+    /// The next PUT or DELETE (progress markers skipped).
+    pub async fn next_change(&mut self) -> workerpush::pb::WorkerUpdate {
+        loop {
+            let update = self.next().await;
+            if update.kind == workerpush::pb::UpdateKind::Put as i32
+                || update.kind == workerpush::pb::UpdateKind::Delete as i32
+            {
+                return update;
+            }
+        }
+    }
+
+    /// Acknowledges `update`: applied, or failed with `error`.
+    pub async fn ack(&self, update: &workerpush::pb::WorkerUpdate, error: Option<&str>) {
+        self.session
+            .ack(workerpush::pb::AckRequest {
+                consumer_id: self.id.clone(),
+                worker_name: update.worker_name.clone(),
+                revision: update.revision,
+                applied: error.is_none(),
+                error: error.unwrap_or_default().to_owned(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// `GET` on the core's admin port with `token` (if any): status and JSON (`Null` if none).
+pub async fn admin_get(
+    http: SocketAddr,
+    token: Option<&str>,
+    path: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = http_client().get(format!("http://{http}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Uploads through the upload server as the README does, with an optional query string
+/// (`?wait=5s`); returns (status, JSON body).
+pub async fn upload_with(
+    upload: SocketAddr,
+    token: &str,
+    query: &str,
+    worker: &str,
+    version: &str,
+    code: &[u8],
+) -> (u16, serde_json::Value) {
+    let form = reqwest::multipart::Form::new()
+        .text("filename", worker.to_owned())
+        .text("version", version.to_owned())
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(code.to_vec()).file_name("worker.js"),
+        );
+    let response = http_client()
+        .post(format!("http://{upload}/upload{query}"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// [`hook_put`] with a query string (`?wait=5s`).
+pub async fn hook_put_query(
+    http: SocketAddr,
+    secret: &str,
+    query: &str,
+    worker: &str,
+    version: &str,
+    code: &[u8],
+) -> (u16, serde_json::Value) {
+    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
+    let (boundary, body) = multipart(&[
+        ("metadata", None, metadata.as_bytes()),
+        ("worker_code", Some("worker.js"), code),
+    ]);
+    let timestamp = workerpush::core::now_ms() / 1000;
+    let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
+    let response = http_client()
+        .post(format!("http://{http}/internal/broadcast{query}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .header("x-workerpush-timestamp", timestamp.to_string())
+        .header("x-workerpush-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, json)
+}

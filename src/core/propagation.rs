@@ -1,0 +1,476 @@
+//! Propagation: which consumers hold which revision of each worker, who failed and why, and
+//! how long each change took to reach them.
+//!
+//! A [`Tracker`] keeps, per consumer id, the live subscriptions (a consumer that disconnects and
+//! resumes is a new subscription with the same id), consumers that left recently (still
+//! counted, as pending, so a deploy sees an edge host that is reconnecting), and each
+//! consumer's latest acknowledgement per worker. It bumps a `watch` generation on every change
+//! of that state and of the hub, which both `?wait` and the live status page wait on.
+//!
+//! Transport-free, like the rest of the core: only `tokio::sync`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::{
+    lock,
+    subscription::SubscriberInfo,
+    types::{ConsumerId, Revision, WorkerFilter, WorkerName},
+};
+
+/// Where one revision of a worker stands across the worker's current subscribers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Propagation {
+    /// The revision asked about (the worker's latest, or the one just published).
+    pub revision: Revision,
+    /// `complete`, `pending` or `failed`.
+    pub state: PropagationState,
+    /// How many consumers are current subscribers of the worker.
+    pub subscribers: usize,
+    /// Those that hold the revision (or a later one).
+    pub acked: Vec<Acked>,
+    /// Those that have not answered yet.
+    pub pending: Vec<Pending>,
+    /// Those that could not apply it, with their reasons.
+    pub failed: Vec<Failed>,
+}
+
+/// The overall state of a [`Propagation`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PropagationState {
+    /// Every current subscriber holds the revision (also when there are none).
+    Complete,
+    /// Someone has not answered yet.
+    Pending,
+    /// Everyone answered, and someone could not apply it.
+    Failed,
+}
+
+/// A consumer that holds the revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Acked {
+    /// The consumer, suffix included.
+    pub consumer_id: ConsumerId,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// The revision it acknowledged: this one or a later one of the same worker.
+    pub revision: Revision,
+    /// Milliseconds from the core accepting that revision to the acknowledgement, when known.
+    pub latency_ms: Option<u64>,
+}
+
+/// A consumer that has not answered yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pending {
+    /// The consumer, suffix included.
+    pub consumer_id: ConsumerId,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// Whether it has a live subscription (else it left recently and may resume).
+    pub connected: bool,
+    /// Whether the revision was handed to its transport.
+    pub delivered: bool,
+}
+
+/// A consumer that could not apply the revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failed {
+    /// The consumer, suffix included.
+    pub consumer_id: ConsumerId,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// The revision it refused.
+    pub revision: Revision,
+    /// Why, in its words.
+    pub reason: String,
+}
+
+/// The counts of a [`Propagation`], for listings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PropagationSummary {
+    /// See [`Propagation::revision`].
+    pub revision: Revision,
+    /// See [`Propagation::state`].
+    pub state: PropagationState,
+    /// See [`Propagation::subscribers`].
+    pub subscribers: usize,
+    /// How many hold it.
+    pub acked: usize,
+    /// How many have not answered.
+    pub pending: usize,
+    /// How many failed.
+    pub failed: usize,
+}
+
+impl Propagation {
+    /// The counts.
+    pub fn summary(&self) -> PropagationSummary {
+        PropagationSummary {
+            revision: self.revision,
+            state: self.state,
+            subscribers: self.subscribers,
+            acked: self.acked.len(),
+            pending: self.pending.len(),
+            failed: self.failed.len(),
+        }
+    }
+}
+
+/// A consumer as the admin API shows it: one live subscription, or a consumer that left
+/// recently.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConsumerStatus {
+    /// The consumer, suffix included.
+    pub consumer_id: ConsumerId,
+    /// The subscription's id in this process (`None` once it left).
+    pub subscription: Option<u64>,
+    /// Whether the subscription is live.
+    pub connected: bool,
+    /// `grpc` or `quic`.
+    pub transport: &'static str,
+    /// The peer's address, if known.
+    pub remote: Option<SocketAddr>,
+    /// The workers it follows (`None`: every worker).
+    pub workers: Option<Vec<WorkerName>>,
+    /// Unix ms when the subscription started.
+    pub since_ms: i64,
+    /// The highest revision handed to its transport (updates and progress markers).
+    pub delivered_revision: Revision,
+    /// The highest revision it acknowledged as applied, any worker.
+    pub acked_revision: Revision,
+    /// Live workers passing its filter whose latest version it does not hold (not acked, or
+    /// failed).
+    pub lag: usize,
+    /// Its latest failures that are not yet superseded by an applied revision.
+    pub failures: Vec<WorkerFailure>,
+    /// The endpoint it registered (`RegisterConsumer`), if any.
+    pub endpoint: String,
+    /// The labels it registered.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A failure to apply, as listed with a consumer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkerFailure {
+    /// The worker.
+    pub worker: WorkerName,
+    /// The revision refused.
+    pub revision: Revision,
+    /// Why.
+    pub reason: String,
+}
+
+/// One consumer's latest answers about one worker.
+#[derive(Clone, Debug, Default)]
+struct AckState {
+    applied: Revision,
+    latency_ms: Option<u64>,
+    failed: Option<(Revision, String)>,
+}
+
+/// A consumer with no live subscription, remembered for a while.
+struct Departed {
+    info: Arc<SubscriberInfo>,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    live: BTreeMap<u64, Arc<SubscriberInfo>>,
+    /// How many live subscriptions each consumer id has.
+    connected: HashMap<ConsumerId, usize>,
+    departed: HashMap<ConsumerId, Departed>,
+    acks: HashMap<ConsumerId, HashMap<WorkerName, AckState>>,
+}
+
+impl TrackerState {
+    fn knows(&self, consumer: &ConsumerId) -> bool {
+        self.connected.contains_key(consumer) || self.departed.contains_key(consumer)
+    }
+}
+
+/// What a propagation is computed over: one subscriber per consumer id.
+struct Member<'a> {
+    info: &'a Arc<SubscriberInfo>,
+    connected: bool,
+    delivered: Revision,
+}
+
+/// See the module docs.
+pub(super) struct Tracker {
+    state: Mutex<TrackerState>,
+    generation: watch::Sender<u64>,
+    remember: Duration,
+}
+
+impl Tracker {
+    /// A tracker that counts a departed consumer for `remember` after it left.
+    pub(super) fn new(remember: Duration) -> Self {
+        Self {
+            state: Mutex::new(TrackerState::default()),
+            generation: watch::Sender::new(0),
+            remember,
+        }
+    }
+
+    /// A receiver that changes whenever subscriptions, acknowledgements or the hub change.
+    pub(super) fn watch(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Says that something changed.
+    pub(super) fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub(super) fn subscribed(&self, info: Arc<SubscriberInfo>) {
+        {
+            let mut state = lock(&self.state);
+            state.departed.remove(&info.consumer_id);
+            *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
+            state.live.insert(info.id, info);
+        }
+        self.bump();
+    }
+
+    pub(super) fn unsubscribed(&self, id: u64) {
+        {
+            let mut state = lock(&self.state);
+            if let Some(info) = state.live.remove(&id) {
+                let left = match state.connected.get_mut(&info.consumer_id) {
+                    Some(count) if *count > 1 => {
+                        *count -= 1;
+                        false
+                    }
+                    _ => {
+                        state.connected.remove(&info.consumer_id);
+                        true
+                    }
+                };
+                if left {
+                    let consumer = info.consumer_id.clone();
+                    let at = Instant::now();
+                    state.departed.insert(consumer, Departed { info, at });
+                }
+            }
+            self.forget_old(&mut state);
+        }
+        self.bump();
+    }
+
+    fn forget_old(&self, state: &mut TrackerState) {
+        let remember = self.remember;
+        state.departed.retain(|_, d| d.at.elapsed() < remember);
+        let TrackerState {
+            connected,
+            departed,
+            acks,
+            ..
+        } = state;
+        acks.retain(|consumer, _| {
+            connected.contains_key(consumer) || departed.contains_key(consumer)
+        });
+    }
+
+    /// Records an acknowledgement from a known consumer (live or recently departed); returns
+    /// whether it was recorded. `latency_ms` is the time since the core accepted `revision`.
+    pub(super) fn record(
+        &self,
+        consumer: &ConsumerId,
+        worker: &WorkerName,
+        revision: Revision,
+        outcome: Result<(), &str>,
+        latency_ms: Option<u64>,
+    ) -> bool {
+        {
+            let mut state = lock(&self.state);
+            if !state.knows(consumer) {
+                return false;
+            }
+            let entry = state
+                .acks
+                .entry(consumer.clone())
+                .or_default()
+                .entry(worker.clone())
+                .or_default();
+            match outcome {
+                Ok(()) => {
+                    if revision >= entry.applied {
+                        entry.applied = revision;
+                        entry.latency_ms = latency_ms;
+                    }
+                    if entry.failed.as_ref().is_some_and(|(r, _)| *r <= revision) {
+                        entry.failed = None;
+                    }
+                }
+                Err(reason) => {
+                    let newer = entry.failed.as_ref().is_none_or(|(r, _)| *r <= revision);
+                    if revision > entry.applied && newer {
+                        entry.failed = Some((revision, reason.to_owned()));
+                    }
+                }
+            }
+        }
+        self.bump();
+        true
+    }
+
+    /// The live subscriptions.
+    pub(super) fn live(&self) -> Vec<Arc<SubscriberInfo>> {
+        lock(&self.state).live.values().cloned().collect()
+    }
+
+    /// Where `revision` of `worker` stands now.
+    pub(super) fn propagation(&self, worker: &WorkerName, revision: Revision) -> Propagation {
+        let state = lock(&self.state);
+        let members = members(&state, self.remember, |filter| filter.matches(worker));
+        let (mut acked, mut pending, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        for (consumer, member) in &members {
+            let answer = state.acks.get(*consumer).and_then(|a| a.get(worker));
+            let transport = member.info.transport;
+            let consumer_id = (*consumer).clone();
+            match answer {
+                Some(a) if a.applied >= revision => acked.push(Acked {
+                    consumer_id,
+                    transport,
+                    revision: a.applied,
+                    latency_ms: a.latency_ms,
+                }),
+                Some(AckState {
+                    failed: Some((at, reason)),
+                    ..
+                }) if *at >= revision => failed.push(Failed {
+                    consumer_id,
+                    transport,
+                    revision: *at,
+                    reason: reason.clone(),
+                }),
+                _ => pending.push(Pending {
+                    consumer_id,
+                    transport,
+                    connected: member.connected,
+                    delivered: member.delivered >= revision,
+                }),
+            }
+        }
+        let state = if !pending.is_empty() {
+            PropagationState::Pending
+        } else if !failed.is_empty() {
+            PropagationState::Failed
+        } else {
+            PropagationState::Complete
+        };
+        Propagation {
+            revision,
+            state,
+            subscribers: members.len(),
+            acked,
+            pending,
+            failed,
+        }
+    }
+
+    /// Every live subscription, then every recently departed consumer. `latest(filter)` gives
+    /// the latest revision of each live worker passing a filter.
+    pub(super) fn consumers(
+        &self,
+        latest: impl Fn(&WorkerFilter) -> Vec<(WorkerName, Revision)>,
+    ) -> Vec<ConsumerStatus> {
+        let state = lock(&self.state);
+        let describe = |info: &Arc<SubscriberInfo>, connected: bool| {
+            let answers = state.acks.get(&info.consumer_id);
+            let answer = |worker: &WorkerName| answers.and_then(|a| a.get(worker));
+            let lag = latest(&info.filter)
+                .iter()
+                .filter(|(worker, revision)| answer(worker).is_none_or(|a| a.applied < *revision))
+                .count();
+            let mut failures: Vec<_> = answers
+                .into_iter()
+                .flatten()
+                .filter_map(|(worker, a)| {
+                    let (revision, reason) = a.failed.clone()?;
+                    Some(WorkerFailure {
+                        worker: worker.clone(),
+                        revision,
+                        reason,
+                    })
+                })
+                .collect();
+            failures.sort_by(|a, b| a.worker.cmp(&b.worker));
+            ConsumerStatus {
+                consumer_id: info.consumer_id.clone(),
+                subscription: connected.then_some(info.id),
+                connected,
+                transport: info.transport,
+                remote: info.remote,
+                workers: info.filter.names().map(<[WorkerName]>::to_vec),
+                since_ms: info.since_ms,
+                delivered_revision: info.delivered.load(Ordering::Relaxed),
+                acked_revision: answers
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, a)| a.applied)
+                    .max()
+                    .unwrap_or(0),
+                lag,
+                failures,
+                endpoint: String::new(),
+                labels: BTreeMap::new(),
+            }
+        };
+        let mut all: Vec<_> = state
+            .live
+            .values()
+            .map(|info| describe(info, true))
+            .collect();
+        let mut departed: Vec<_> = state
+            .departed
+            .values()
+            .filter(|d| d.at.elapsed() < self.remember)
+            .map(|d| describe(&d.info, false))
+            .collect();
+        departed.sort_by(|a, b| a.consumer_id.cmp(&b.consumer_id));
+        all.append(&mut departed);
+        all
+    }
+}
+
+/// The current subscribers passing `matches`, one per consumer id: its live subscriptions
+/// (the furthest delivered counts), or, without one, its last subscription if it left less
+/// than `remember` ago.
+fn members<'a>(
+    state: &'a TrackerState,
+    remember: Duration,
+    matches: impl Fn(&WorkerFilter) -> bool,
+) -> BTreeMap<&'a ConsumerId, Member<'a>> {
+    let mut members: BTreeMap<&ConsumerId, Member<'_>> = BTreeMap::new();
+    for info in state.live.values().filter(|i| matches(&i.filter)) {
+        let delivered = info.delivered.load(Ordering::Relaxed);
+        members
+            .entry(&info.consumer_id)
+            .and_modify(|m| m.delivered = m.delivered.max(delivered))
+            .or_insert(Member {
+                info,
+                connected: true,
+                delivered,
+            });
+    }
+    for (consumer, departed) in &state.departed {
+        if departed.at.elapsed() < remember && matches(&departed.info.filter) {
+            members.entry(consumer).or_insert(Member {
+                info: &departed.info,
+                connected: false,
+                delivered: departed.info.delivered.load(Ordering::Relaxed),
+            });
+        }
+    }
+    members
+}
