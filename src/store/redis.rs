@@ -41,8 +41,9 @@
 //! # Operating it
 //! Durability is what Redis acknowledges: run it with `appendonly yes` (and `appendfsync
 //! always` for the design's "survives kill -9"), and `maxmemory-policy noeviction` — an
-//! evicted key would silently break history. For Redis Cluster, give a prefix with a hash tag
-//! (`{workerpush}`) so every key lands in one slot.
+//! evicted key would silently break history. The first `load` reads the `append*` settings
+//! (where `CONFIG` is allowed) and warns when acknowledged writes could be lost. For Redis
+//! Cluster, give a prefix with a hash tag (`{workerpush}`) so every key lands in one slot.
 //!
 //! Pub/sub is at-most-once, so hints are wake-ups only: the core also polls `changes_after`.
 //! A timed-out `apply` is ambiguous (the script may have run): it answers
@@ -56,7 +57,11 @@
 mod registry;
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -118,6 +123,8 @@ pub struct RedisStore {
     seen: Mutex<Option<(Epoch, Revision)>>,
     /// The consumer registry, written in the background.
     registry: Arc<Registry>,
+    /// Whether Redis's persistence settings were looked at (once, at the first load).
+    durability_checked: AtomicBool,
     /// Stops the hint and registry tasks when the store is dropped.
     _background: DropGuard,
 }
@@ -210,6 +217,7 @@ impl RedisStore {
             head,
             seen: Mutex::new(None),
             registry,
+            durability_checked: AtomicBool::new(false),
             _background: cancel.drop_guard(),
         })
     }
@@ -274,6 +282,45 @@ impl RedisStore {
                 self.response_timeout
             ))),
         }
+    }
+
+    /// Warns if Redis may lose writes it acknowledged, which would break "2xx means durable".
+    /// Best effort: managed Redis often refuses `CONFIG`.
+    async fn check_durability(&self) {
+        let settings: Result<HashMap<String, String>, _> = self
+            .run("config get", true, |mut connection| {
+                let mut command = redis::cmd("CONFIG");
+                command.arg("GET").arg("append*");
+                async move { command.query_async(&mut connection).await }
+            })
+            .await;
+        match settings {
+            Ok(settings) => {
+                if let Some(problem) = durability_problem(&settings) {
+                    tracing::warn!(
+                        appendonly = settings.get("appendonly").map_or("?", String::as_str),
+                        appendfsync = settings.get("appendfsync").map_or("?", String::as_str),
+                        "redis may lose writes it acknowledged ({problem}): a change answered \
+                         2xx could vanish; run redis with appendonly yes and appendfsync always"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "redis persistence settings not readable; not checked");
+            }
+        }
+    }
+}
+
+/// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
+fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str> {
+    match (
+        settings.get("appendonly").map(String::as_str),
+        settings.get("appendfsync").map(String::as_str),
+    ) {
+        (Some("yes"), Some("always")) => None,
+        (Some("yes"), _) => Some("the append-only file is not synced on every write"),
+        _ => Some("no append-only file"),
     }
 }
 
@@ -351,6 +398,9 @@ fn decode_run(records: &[Vec<u8>], first: Revision) -> Result<Vec<Change>, Store
 #[async_trait]
 impl Store for RedisStore {
     async fn load(&self) -> Result<Recovered, StoreError> {
+        if !self.durability_checked.swap(true, Ordering::Relaxed) {
+            self.check_durability().await;
+        }
         let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, latest, tail): (String, Revision, Vec<Vec<u8>>, Vec<Vec<u8>>) = self
             .run("load", true, |mut connection| {
@@ -959,6 +1009,20 @@ mod tests {
         })
         .await;
         assert!(closed.is_ok(), "the hint task still holds its sender");
+    }
+
+    #[test]
+    fn only_an_append_only_file_synced_on_every_write_is_durable() {
+        let settings = |aof: &str, fsync: &str| {
+            HashMap::from([
+                ("appendonly".to_owned(), aof.to_owned()),
+                ("appendfsync".to_owned(), fsync.to_owned()),
+            ])
+        };
+        assert_eq!(durability_problem(&settings("yes", "always")), None);
+        assert!(durability_problem(&settings("yes", "everysec")).is_some());
+        assert!(durability_problem(&settings("no", "always")).is_some());
+        assert!(durability_problem(&HashMap::new()).is_some());
     }
 
     #[tokio::test]
