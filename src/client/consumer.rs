@@ -255,14 +255,22 @@ impl<T: Transport> Consumer<T> {
     }
 }
 
-/// Sends acks in the background so that applying never waits on a round trip.
+/// Sends acks in the background so that applying never waits on a round trip. An ack the
+/// server refuses (its store briefly away, say) is dropped and the next ones still go: a later
+/// ack covers it. Only a broken connection ends the acker, with the session.
 fn spawn_acker(session: Arc<dyn Session>) -> mpsc::UnboundedSender<AckRequest> {
     let (tx, mut rx) = mpsc::unbounded_channel::<AckRequest>();
     tokio::spawn(async move {
         while let Some(ack) = rx.recv().await {
-            if let Err(error) = session.ack(ack).await {
-                tracing::debug!(%error, "ack failed; the session is going away");
-                return;
+            match session.ack(ack).await {
+                Ok(()) => {}
+                Err(error @ ClientError::Status { .. }) => {
+                    tracing::debug!(%error, "ack refused; going on with the next");
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "ack failed; the session is going away");
+                    return;
+                }
             }
         }
     });
@@ -272,4 +280,70 @@ fn spawn_acker(session: Arc<dyn Session>) -> mpsc::UnboundedSender<AckRequest> {
 fn jitter(cap: Duration) -> Duration {
     let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
     Duration::from_millis(rand::random_range(cap_ms / 2..=cap_ms))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        client::UpdateStream,
+        pb::{ListWorkersRequest, ListWorkersResponse, RegisterResponse},
+    };
+
+    /// Refuses the first ack (as a core whose store is away does), then takes them all.
+    #[derive(Default)]
+    struct Flaky {
+        acked: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl Session for Flaky {
+        async fn subscribe(&self, _: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+            Err(ClientError::Transport("unused".to_owned()))
+        }
+        async fn fetch(&self, _: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+            Err(ClientError::Transport("unused".to_owned()))
+        }
+        async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+            if request.revision == 1 {
+                return Err(ClientError::Status {
+                    code: 14,
+                    message: "store unavailable, try again".to_owned(),
+                });
+            }
+            self.acked.lock().unwrap().push(request.revision);
+            Ok(())
+        }
+        async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+            Ok(RegisterResponse::default())
+        }
+        async fn list(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+            Ok(ListWorkersResponse::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_ack_does_not_stop_the_acks_that_follow() {
+        let session = Arc::new(Flaky::default());
+        let acks = spawn_acker(session.clone());
+        for revision in 1..=3 {
+            acks.send(AckRequest {
+                revision,
+                ..AckRequest::default()
+            })
+            .unwrap();
+        }
+        drop(acks);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while session.acked.lock().unwrap().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(*session.acked.lock().unwrap(), [2, 3]);
+    }
 }
