@@ -111,10 +111,10 @@ impl<T: Transport> Consumer<T> {
         let mut cap = self.options.backoff.initial;
         loop {
             let mut progressed = false;
-            let result = tokio::select! {
-                result = self.session(handler, &mut progressed) => result,
-                () = shutdown.cancelled() => return Ok(()),
-            };
+            let result = self.session(handler, &mut progressed, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
             let error = match result {
                 Ok(()) => ClientError::Transport("stream ended".to_owned()),
                 Err(error) if !error.is_retryable() => return Err(error),
@@ -138,8 +138,13 @@ impl<T: Transport> Consumer<T> {
         &mut self,
         handler: &mut dyn Handler,
         progressed: &mut bool,
+        shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
-        let session: Arc<dyn Session> = Arc::from(self.transport.connect().await?);
+        let connect = self.transport.connect();
+        let session: Arc<dyn Session> = tokio::select! {
+            session = connect => Arc::from(session?),
+            () = shutdown.cancelled() => return Ok(()),
+        };
         if let Some(endpoint) = &self.options.endpoint {
             session
                 .register(crate::pb::RegisterRequest {
@@ -159,14 +164,26 @@ impl<T: Transport> Consumer<T> {
                 .map(|p| p.epoch.clone())
                 .unwrap_or_default(),
         };
-        let mut stream = session.subscribe(request).await?;
+        let mut stream = tokio::select! {
+            stream = session.subscribe(request) => stream?,
+            () = shutdown.cancelled() => return Ok(()),
+        };
         handler.connected(self.transport.name());
         let _acker = self
             .options
             .ack
             .then(|| AbortOnDrop(tokio::spawn(send_acks(session.clone(), self.acks.clone()))));
         let mut snapshot: Option<BTreeSet<String>> = None;
-        while let Some(update) = stream.next().await {
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                () = shutdown.cancelled() => {
+                    // Stopping cleanly: report what was applied before letting go.
+                    self.acks.drained(ACK_FLUSH).await;
+                    return Ok(());
+                }
+            };
+            let Some(update) = next else { break };
             let update = update?;
             *progressed = true;
             let kind = UpdateKind::try_from(update.kind).unwrap_or(UpdateKind::Unspecified);
@@ -260,18 +277,36 @@ impl<T: Transport> Consumer<T> {
     }
 }
 
+/// How long a consumer told to stop waits for its pending acks to go out.
+const ACK_FLUSH: Duration = Duration::from_secs(2);
+
 /// Acks not yet sent: the latest per worker (a later ack supersedes an earlier one), kept
 /// across reconnects so that what was applied while a connection died is still reported.
 #[derive(Default)]
 struct PendingAcks {
     latest: std::sync::Mutex<std::collections::BTreeMap<String, AckRequest>>,
     ready: tokio::sync::Notify,
+    emptied: tokio::sync::Notify,
 }
 
 impl PendingAcks {
     fn push(&self, ack: AckRequest) {
         self.lock().insert(ack.worker_name.clone(), ack);
         self.ready.notify_one();
+    }
+
+    /// Waits until every pending ack is sent, or `within` passes.
+    async fn drained(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let emptied = self.emptied.notified();
+            if self.lock().is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return;
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, AckRequest>> {
@@ -281,7 +316,9 @@ impl PendingAcks {
 }
 
 /// Sends pending acks in the background so that applying never waits on a round trip. An ack
-/// leaves the queue only once the server took it (or a newer one for its worker replaced it).
+/// leaves the queue once the server answered it, or a newer one for its worker replaced it. An
+/// ack the server refuses (its store briefly away, say) is dropped and the next ones still go:
+/// a later ack covers it. A broken connection ends the acker and keeps the ack for the next.
 async fn send_acks(session: Arc<dyn Session>, pending: Arc<PendingAcks>) {
     loop {
         let next = pending.lock().values().next().cloned();
@@ -289,13 +326,22 @@ async fn send_acks(session: Arc<dyn Session>, pending: Arc<PendingAcks>) {
             pending.ready.notified().await;
             continue;
         };
-        if let Err(error) = session.ack(ack.clone()).await {
-            tracing::debug!(%error, "ack not delivered; kept for the next connection");
-            return;
+        match session.ack(ack.clone()).await {
+            Ok(()) => {}
+            Err(error @ ClientError::Status { .. }) => {
+                tracing::debug!(%error, "ack refused; going on with the next");
+            }
+            Err(error) => {
+                tracing::debug!(%error, "ack not delivered; kept for the next connection");
+                return;
+            }
         }
         let mut latest = pending.lock();
         if latest.get(&ack.worker_name) == Some(&ack) {
             latest.remove(&ack.worker_name);
+        }
+        if latest.is_empty() {
+            pending.emptied.notify_waiters();
         }
     }
 }
@@ -365,6 +411,55 @@ mod tests {
             applied: true,
             ..AckRequest::default()
         }
+    }
+
+    /// Refuses the acks of revision 1 (as a core whose store is away does), takes the rest.
+    #[derive(Default)]
+    struct Flaky {
+        acked: Mutex<Vec<u64>>,
+    }
+
+    #[async_trait]
+    impl Session for Flaky {
+        async fn subscribe(&self, _: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn fetch(&self, _: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+            if request.revision == 1 {
+                return Err(ClientError::Status {
+                    code: 14,
+                    message: "store unavailable, try again".into(),
+                });
+            }
+            self.acked.lock().unwrap().push(request.revision);
+            Ok(())
+        }
+        async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+        async fn list(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+            Err(ClientError::Transport("unused".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_ack_does_not_stop_the_ones_after_it() {
+        let pending = Arc::new(PendingAcks::default());
+        pending.push(ack("a", 1));
+        pending.push(ack("b", 2));
+        let flaky = Arc::new(Flaky::default());
+        let task = tokio::spawn(send_acks(flaky.clone(), pending.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pending.lock().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
+            tokio::task::yield_now().await;
+        }
+        assert!(!task.is_finished(), "the acker goes on after a refusal");
+        task.abort();
+        assert_eq!(*flaky.acked.lock().unwrap(), [2]);
     }
 
     #[tokio::test]

@@ -1,12 +1,14 @@
 //! The consumer client library: connect over gRPC or QUIC with mutual TLS, subscribe, verify
 //! every bundle against its checksum (fetching code that is not inline), hand changes to a
 //! [`Handler`], acknowledge what was applied, and on any disconnect reconnect with jittered
-//! exponential backoff and resume from the last revision held.
+//! exponential backoff and resume from the last revision held — on the same core, or, through
+//! [`FailoverTransport`], on another core sharing its store.
 //!
 //! Used by `workerpush watch`, the examples and the benchmark; depends on the contract and the
 //! TLS module, never on the server side.
 
 mod consumer;
+mod failover;
 mod grpc;
 mod quic;
 
@@ -17,6 +19,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub use consumer::{Backoff, Consumer, ConsumerOptions, Handler, Position};
+pub use failover::FailoverTransport;
 pub use grpc::GrpcTransport;
 pub use quic::QuicTransport;
 

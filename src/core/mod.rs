@@ -198,6 +198,8 @@ pub struct Core {
     registry: Mutex<HashMap<ConsumerId, ConsumerRecord>>,
     store_healthy: AtomicBool,
     follower: Mutex<Option<JoinHandle<()>>>,
+    /// Wakes the follower to read the store now (a client is ahead of this core).
+    poke: tokio::sync::Notify,
 }
 
 impl Core {
@@ -233,6 +235,7 @@ impl Core {
             registry: Mutex::new(registry),
             store_healthy: AtomicBool::new(true),
             follower: Mutex::new(None),
+            poke: tokio::sync::Notify::new(),
         });
         core.install(
             recovered.epoch,
@@ -436,6 +439,7 @@ impl Core {
             params.resume,
             self.config.progress_interval,
             info,
+            &self.poke,
             Box::new(move |id| {
                 tracker.unsubscribed(id);
                 metrics::gauge!("workerpush_subscribers", "transport" => transport).decrement(1.0);
@@ -663,7 +667,14 @@ impl Core {
         if !ack.applied {
             tracing::warn!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, error = %ack.error, "consumer could not apply");
         }
-        self.store.save_consumer(&record).await?;
+        // Only what this ack says: the registration belongs to `register`, and with a shared
+        // store another core may hold a newer one (stores merge; see `ConsumerRecord::absorb`).
+        let ack_only = ConsumerRecord {
+            endpoint: String::new(),
+            labels: BTreeMap::new(),
+            ..record
+        };
+        self.store.save_consumer(&ack_only).await?;
         Ok(())
     }
 
@@ -690,6 +701,7 @@ impl Core {
                     backoff = Duration::from_millis(50);
                     tokio::select! {
                         _ = hint.changed() => {}
+                        () = self.poke.notified() => {}
                         () = tokio::time::sleep(self.config.poll_interval) => {}
                         () = self.shutdown.cancelled() => return,
                     }

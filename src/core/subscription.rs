@@ -30,6 +30,10 @@ use super::{
 };
 use crate::pb::{EncodedUpdate, UpdateKind};
 
+/// How long a subscription resuming from a revision this core has not read yet waits for the
+/// follower before it starts over with a RESET instead.
+const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
+
 /// Changes read from the hub per lock; also the most a subscription holds in memory.
 const BATCH: usize = 256;
 
@@ -108,6 +112,8 @@ pub struct Subscription {
     start: Start,
     info: Arc<SubscriberInfo>,
     metrics: DeliveryMetrics,
+    /// A resume position past this core's head, and until when to wait for it.
+    ahead: Option<(Revision, Instant)>,
     on_drop: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
 }
 
@@ -120,6 +126,7 @@ impl Subscription {
         resume: Option<(String, Revision)>,
         progress_interval: Duration,
         info: Arc<SubscriberInfo>,
+        poke: &tokio::sync::Notify,
         on_drop: Box<dyn FnOnce(u64) + Send + Sync>,
     ) -> Self {
         let mut head_rx = hub.watch_head();
@@ -146,12 +153,22 @@ impl Subscription {
                 start: Start::Reset,
                 info,
                 metrics,
+                ahead: None,
                 on_drop: Some(on_drop),
             };
             match resume {
                 Some((epoch, revision)) if state.can_resume(&epoch, revision) => {
-                    subscription.cursor = revision;
-                    subscription.sync_target = Some(state.head());
+                    subscription.replay_from(revision, state.head());
+                }
+                Some((epoch, revision))
+                    if revision > state.head() && epoch == state.epoch().as_str() =>
+                {
+                    // The client holds a revision of this epoch that this core has not read
+                    // yet (another core sharing the store committed it a moment ago): wake
+                    // the follower, and decide on the first read, once it caught up or
+                    // RESUME_CATCH_UP passed, so that the answer itself is not held up.
+                    poke.notify_one();
+                    subscription.ahead = Some((revision, Instant::now() + RESUME_CATCH_UP));
                     subscription.start = Start::Replay;
                 }
                 _ => subscription.reset(&state),
@@ -174,6 +191,9 @@ impl Subscription {
 
     /// The next update to send. Waits for one; ends only when the core shuts down.
     pub async fn next(&mut self) -> Result<EncodedUpdate, Ended> {
+        if let Some((revision, deadline)) = self.ahead {
+            self.settle_resume(revision, deadline).await?;
+        }
         loop {
             if let Some(ready) = self.pending.pop_front() {
                 return Ok(self.hand_over(ready));
@@ -190,6 +210,9 @@ impl Subscription {
 
     /// Takes an update if one is ready now, without waiting (batching writers).
     pub fn try_next(&mut self) -> Option<EncodedUpdate> {
+        if self.ahead.is_some() {
+            return None;
+        }
         if self.pending.is_empty() && !self.shutdown.is_cancelled() {
             self.refill();
         }
@@ -268,6 +291,44 @@ impl Subscription {
             () = progress => Ok(()),
             () = self.shutdown.cancelled() => Err(Ended::ShuttingDown),
         }
+    }
+
+    /// Waits for this core to reach the client's `revision` (see `new`), then replays from
+    /// it; past `deadline`, or if the log moved on meanwhile, starts over with a RESET.
+    async fn settle_resume(&mut self, revision: Revision, deadline: Instant) -> Result<(), Ended> {
+        loop {
+            self.head_rx.borrow_and_update();
+            {
+                let hub = self.hub.clone();
+                let state = hub.read();
+                let same_epoch = state.epoch() == &self.epoch;
+                if same_epoch && state.can_resume(self.epoch.as_str(), revision) {
+                    self.ahead = None;
+                    self.replay_from(revision, state.head());
+                    drop(state);
+                    self.fill_replay_if_done();
+                    return Ok(());
+                }
+                if !same_epoch || Instant::now() >= deadline {
+                    self.ahead = None;
+                    metrics::counter!("workerpush_resyncs_total", "reason" => "resume_ahead")
+                        .increment(1);
+                    self.reset(&state);
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = self.head_rx.changed() => changed.map_err(|_| Ended::ShuttingDown)?,
+                () = tokio::time::sleep_until(deadline) => {}
+                () = self.shutdown.cancelled() => return Err(Ended::ShuttingDown),
+            }
+        }
+    }
+
+    fn replay_from(&mut self, revision: Revision, head: Revision) {
+        self.cursor = revision;
+        self.sync_target = Some(head);
+        self.start = Start::Replay;
     }
 
     /// After a replay reaches the head it started from: SYNCED with that head.

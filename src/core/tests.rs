@@ -342,3 +342,34 @@ async fn shutdown_ends_subscriptions() {
         Some(ErrorCode::Unavailable)
     );
 }
+
+#[tokio::test]
+async fn resume_from_a_revision_this_core_has_not_read_yet_waits_and_replays() {
+    let core = core().await;
+    put(&core, "a", "1", "a1").await;
+    let epoch = core.epoch().to_string();
+    // A client learned revision 2 elsewhere; this core is at 1. Answering must not wait.
+    let mut sub = core.subscribe(params(&[], Some((epoch, 2)))).unwrap();
+    let reader = tokio::spawn(async move { until_synced(&mut sub).await });
+    put(&core, "b", "1", "b1").await;
+    let (updates, synced) = reader.await.unwrap();
+    assert!(updates.is_empty(), "nothing after 2 to replay: {updates:?}");
+    assert_eq!(synced, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resume_from_a_revision_that_never_comes_resets_after_the_wait() {
+    let core = core().await;
+    put(&core, "a", "1", "a1").await;
+    let epoch = core.epoch().to_string();
+    let mut sub = core.subscribe(params(&[], Some((epoch, 99)))).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("decided within the wait")
+        .unwrap()
+        .decode()
+        .unwrap();
+    assert_eq!(kind(&first), UpdateKind::Reset);
+    let (updates, synced) = until_synced(&mut sub).await;
+    assert_eq!((updates.len(), synced), (1, 1));
+}

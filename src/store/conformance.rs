@@ -284,6 +284,24 @@ async fn keeps_consumer_records(store: &impl Store) {
         .save_consumer(&record)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.consumers().await.ok(), Some(vec![record.clone()]));
+
+    // An ack-only save (no endpoint, labels or transport) and a stale one merge, never
+    // overwrite: the registration and the higher acknowledged revision stay.
+    let ack_only = ConsumerRecord {
+        endpoint: String::new(),
+        labels: BTreeMap::new(),
+        transport: String::new(),
+        first_seen_ms: 5,
+        last_seen_ms: 4,
+        last_acked_revision: 7,
+        ..record.clone()
+    };
+    store
+        .save_consumer(&ack_only)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    record.last_seen_ms = 4;
     assert_eq!(store.consumers().await.ok(), Some(vec![record]));
 }
 

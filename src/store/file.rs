@@ -350,7 +350,11 @@ impl Store for FileStore {
         self.check()?;
         {
             let mut registry = lock(&self.shared.registry);
-            registry.records.insert(record.id.clone(), record.clone());
+            registry
+                .records
+                .entry(record.id.clone())
+                .and_modify(|existing| existing.absorb(record))
+                .or_insert_with(|| record.clone());
             registry.dirty = true;
         }
         self.shared.registry_changed.notify_one();

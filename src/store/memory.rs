@@ -86,7 +86,9 @@ impl Store for MemoryStore {
     async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError> {
         self.lock()
             .consumers
-            .insert(record.id.clone(), record.clone());
+            .entry(record.id.clone())
+            .and_modify(|existing| existing.absorb(record))
+            .or_insert_with(|| record.clone());
         Ok(())
     }
 

@@ -144,6 +144,26 @@ pub struct ConsumerRecord {
     pub last_acked_revision: Revision,
 }
 
+impl ConsumerRecord {
+    /// Folds a newer save of the same consumer in: the earliest first-seen, the latest
+    /// last-seen and the highest acknowledged revision win; endpoint and labels change only
+    /// with a save that carries a registration (an ack-only save has neither), and the
+    /// transport only with a save that names one. Every store merges saves this way, so an ack
+    /// never undoes a registration and a stale save never lowers an acknowledged revision.
+    pub fn absorb(&mut self, newer: &ConsumerRecord) {
+        self.first_seen_ms = self.first_seen_ms.min(newer.first_seen_ms);
+        self.last_seen_ms = self.last_seen_ms.max(newer.last_seen_ms);
+        self.last_acked_revision = self.last_acked_revision.max(newer.last_acked_revision);
+        if !newer.endpoint.is_empty() || !newer.labels.is_empty() {
+            self.endpoint.clone_from(&newer.endpoint);
+            self.labels.clone_from(&newer.labels);
+        }
+        if !newer.transport.is_empty() {
+            self.transport.clone_from(&newer.transport);
+        }
+    }
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -187,7 +207,8 @@ pub trait Store: Send + Sync + 'static {
     /// never a change: the core also polls.
     fn head_hint(&self) -> watch::Receiver<Revision>;
 
-    /// Creates or updates a consumer's registry entry.
+    /// Creates a consumer's registry entry, or merges `record` into it as
+    /// [`ConsumerRecord::absorb`] does.
     async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError>;
 
     /// Every consumer the registry knows.

@@ -13,7 +13,7 @@
 //! | `{prefix}:latest` | hash | worker → the change record that made its latest version live |
 //! | `{prefix}:versions` | hash | `<worker>/<version>` → checksum, for every version ever published (kept forever: immutability survives deletes) |
 //! | `{prefix}:bundle:<checksum>` | string | the code (`SET NX`) |
-//! | `{prefix}:consumers` | hash | consumer id → JSON [`ConsumerRecord`] |
+//! | `{prefix}:consumers` | hash | consumer id → its registry record (JSON, see [`registry`]) |
 //! | `{prefix}:hint` | pub/sub channel | the revision of each commit: a wake-up only |
 //!
 //! A change record is JSON with string fields: `{"r": revision, "k": "put"|"delete", "w":
@@ -41,15 +41,27 @@
 //! # Operating it
 //! Durability is what Redis acknowledges: run it with `appendonly yes` (and `appendfsync
 //! always` for the design's "survives kill -9"), and `maxmemory-policy noeviction` — an
-//! evicted key would silently break history. For Redis Cluster, give a prefix with a hash tag
-//! (`{workerpush}`) so every key lands in one slot.
+//! evicted key would silently break history. The first `load` reads the `append*` settings
+//! (where `CONFIG` is allowed) and warns when acknowledged writes could be lost. For Redis
+//! Cluster, give a prefix with a hash tag (`{workerpush}`) so every key lands in one slot.
 //!
 //! Pub/sub is at-most-once, so hints are wake-ups only: the core also polls `changes_after`.
 //! A timed-out `apply` is ambiguous (the script may have run): it answers
 //! [`StoreError::Unavailable`], and a retried put then answers `Unchanged` with the revision it got.
+//!
+//! # The consumer registry
+//! Saves from every core are merged inside Redis (highest ack, newest registration), coalesced
+//! per consumer and written in the background, so acks keep being answered while Redis is
+//! away; see [`registry`].
+
+mod registry;
 
 use std::{
-    sync::{Mutex, MutexGuard},
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -64,6 +76,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use self::registry::Registry;
 use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Store, StoreError, Tail,
 };
@@ -108,8 +121,12 @@ pub struct RedisStore {
     /// The highest head seen in the newest epoch seen: a fence against Redis coming back with
     /// the same epoch but a shorter history.
     seen: Mutex<Option<(Epoch, Revision)>>,
-    /// Stops the hint task when the store is dropped.
-    _hints: DropGuard,
+    /// The consumer registry, written in the background.
+    registry: Arc<Registry>,
+    /// Whether Redis's persistence settings were looked at (once, at the first load).
+    durability_checked: AtomicBool,
+    /// Stops the hint and registry tasks when the store is dropped.
+    _background: DropGuard,
 }
 
 struct Keys {
@@ -181,6 +198,12 @@ impl RedisStore {
             config.response_timeout,
             cancel.clone(),
         ));
+        let registry = Arc::new(Registry::new(
+            connection.clone(),
+            keys.consumers.clone(),
+            config.response_timeout,
+        ));
+        runtime.spawn(registry::keep_writing(registry.clone(), cancel.clone()));
         Ok(Self {
             connection,
             keys,
@@ -193,7 +216,9 @@ impl RedisStore {
             response_timeout: config.response_timeout,
             head,
             seen: Mutex::new(None),
-            _hints: cancel.drop_guard(),
+            registry,
+            durability_checked: AtomicBool::new(false),
+            _background: cancel.drop_guard(),
         })
     }
 
@@ -257,6 +282,45 @@ impl RedisStore {
                 self.response_timeout
             ))),
         }
+    }
+
+    /// Warns if Redis may lose writes it acknowledged, which would break "2xx means durable".
+    /// Best effort: managed Redis often refuses `CONFIG`.
+    async fn check_durability(&self) {
+        let settings: Result<HashMap<String, String>, _> = self
+            .run("config get", true, |mut connection| {
+                let mut command = redis::cmd("CONFIG");
+                command.arg("GET").arg("append*");
+                async move { command.query_async(&mut connection).await }
+            })
+            .await;
+        match settings {
+            Ok(settings) => {
+                if let Some(problem) = durability_problem(&settings) {
+                    tracing::warn!(
+                        appendonly = settings.get("appendonly").map_or("?", String::as_str),
+                        appendfsync = settings.get("appendfsync").map_or("?", String::as_str),
+                        "redis may lose writes it acknowledged ({problem}): a change answered \
+                         2xx could vanish; run redis with appendonly yes and appendfsync always"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "redis persistence settings not readable; not checked");
+            }
+        }
+    }
+}
+
+/// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
+fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str> {
+    match (
+        settings.get("appendonly").map(String::as_str),
+        settings.get("appendfsync").map(String::as_str),
+    ) {
+        (Some("yes"), Some("always")) => None,
+        (Some("yes"), _) => Some("the append-only file is not synced on every write"),
+        _ => Some("no append-only file"),
     }
 }
 
@@ -334,6 +398,9 @@ fn decode_run(records: &[Vec<u8>], first: Revision) -> Result<Vec<Change>, Store
 #[async_trait]
 impl Store for RedisStore {
     async fn load(&self) -> Result<Recovered, StoreError> {
+        if !self.durability_checked.swap(true, Ordering::Relaxed) {
+            self.check_durability().await;
+        }
         let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, latest, tail): (String, Revision, Vec<Vec<u8>>, Vec<Vec<u8>>) = self
             .run("load", true, |mut connection| {
@@ -488,37 +555,23 @@ impl Store for RedisStore {
         self.head.subscribe()
     }
 
+    /// Queues the record and answers at once: a background task merges it into Redis (see
+    /// [`registry`]), and [`Store::consumers`] shows it meanwhile.
     async fn save_consumer(&self, record: &ConsumerRecord) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(record).map_err(|e| corrupt("consumer record", e))?;
-        self.run("save_consumer", true, |mut connection| {
-            let mut command = redis::cmd("HSET");
-            command
-                .arg(&self.keys.consumers)
-                .arg(record.id.as_str())
-                .arg(&json);
-            async move { command.query_async::<redis::Value>(&mut connection).await }
-        })
-        .await?;
+        self.registry.save(record);
         Ok(())
     }
 
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
-        let records: Vec<Vec<u8>> = self
-            .run("consumers", true, |mut connection| {
-                let mut command = redis::cmd("HVALS");
-                command.arg(&self.keys.consumers);
-                async move { command.query_async(&mut connection).await }
-            })
-            .await?;
-        let mut all = records
-            .iter()
-            .map(|json| {
-                serde_json::from_slice::<ConsumerRecord>(json)
-                    .map_err(|e| corrupt("consumer record", e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all)
+        self.registry.read().await
+    }
+
+    /// Writes the registry saves that wait; the background tasks stop when the store is
+    /// dropped.
+    async fn close(&self) {
+        if let Err(error) = self.registry.flush().await {
+            tracing::error!(%error, "consumer registry saves not written to redis before shutdown");
+        }
     }
 }
 
@@ -724,7 +777,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::store::conformance::{self, put};
+    use crate::{
+        core::types::ConsumerId,
+        store::conformance::{self, put},
+    };
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -955,6 +1011,20 @@ mod tests {
         assert!(closed.is_ok(), "the hint task still holds its sender");
     }
 
+    #[test]
+    fn only_an_append_only_file_synced_on_every_write_is_durable() {
+        let settings = |aof: &str, fsync: &str| {
+            HashMap::from([
+                ("appendonly".to_owned(), aof.to_owned()),
+                ("appendfsync".to_owned(), fsync.to_owned()),
+            ])
+        };
+        assert_eq!(durability_problem(&settings("yes", "always")), None);
+        assert!(durability_problem(&settings("yes", "everysec")).is_some());
+        assert!(durability_problem(&settings("no", "always")).is_some());
+        assert!(durability_problem(&HashMap::new()).is_some());
+    }
+
     #[tokio::test]
     async fn an_invalid_url_is_refused_at_connect() {
         assert!(RedisStore::connect(config("http://nope", "p")).is_err());
@@ -1041,6 +1111,212 @@ mod tests {
             Tail::Changes { epoch, changes } if epoch == state.epoch && changes.is_empty()
         ));
         hint_travels(&b, &a, "after").await;
+    }
+
+    fn consumer(
+        endpoint: &str,
+        labels: &[(&str, &str)],
+        transport: &str,
+        seen: (i64, i64),
+        acked: Revision,
+    ) -> ConsumerRecord {
+        ConsumerRecord {
+            id: ConsumerId::authorize("edge-1", "edge-1/a").unwrap(),
+            endpoint: endpoint.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            transport: transport.to_owned(),
+            first_seen_ms: seen.0,
+            last_seen_ms: seen.1,
+            last_acked_revision: acked,
+        }
+    }
+
+    /// Saves and writes to Redis at once, so that Redis does the merging.
+    async fn save_now(store: &RedisStore, record: &ConsumerRecord) {
+        store.save_consumer(record).await.unwrap();
+        store.registry.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn registry_records_saved_by_two_stores_merge_instead_of_overwriting() {
+        let prefix = fresh_prefix();
+        let (a, b) = (open(REDIS, &prefix), open(REDIS, &prefix));
+        let registered = consumer("10.0.0.1:9000", &[("region", "eu")], "grpc", (100, 200), 7);
+        save_now(&a, &registered).await;
+
+        // Core B only saw an older ack from this consumer, over QUIC, later.
+        save_now(&b, &consumer("", &[], "quic", (150, 300), 3)).await;
+        let merged = consumer("10.0.0.1:9000", &[("region", "eu")], "quic", (100, 300), 7);
+        assert_eq!(a.consumers().await.unwrap(), std::slice::from_ref(&merged));
+        assert_eq!(b.consumers().await.unwrap(), std::slice::from_ref(&merged));
+
+        // A registration from before the last one changes only what only grows.
+        let stale = consumer("10.0.0.9:1", &[("region", "us")], "grpc", (90, 150), 5);
+        save_now(&a, &stale).await;
+        let first_seen_earlier = ConsumerRecord {
+            first_seen_ms: 90,
+            ..merged.clone()
+        };
+        assert_eq!(b.consumers().await.unwrap(), [first_seen_earlier]);
+
+        // A newer registration replaces endpoint and labels together, even with no labels;
+        // revisions past 2^53 still compare exactly.
+        let moved = consumer("10.0.0.2:9000", &[], "grpc", (400, 400), (1 << 53) + 1);
+        save_now(&b, &moved).await;
+        save_now(&b, &consumer("", &[], "", (400, 400), 1 << 53)).await;
+        assert_eq!(
+            a.consumers().await.unwrap(),
+            [consumer(
+                "10.0.0.2:9000",
+                &[],
+                "grpc",
+                (90, 400),
+                (1 << 53) + 1
+            )]
+        );
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_saves_from_two_stores_keep_the_highest_ack_and_last_seen() {
+        let prefix = fresh_prefix();
+        let stores = [
+            Arc::new(open(REDIS, &prefix)),
+            Arc::new(open(REDIS, &prefix)),
+        ];
+        // Descending first: a plain overwrite would end at the lowest.
+        for acked in (0..20).rev() {
+            let record = consumer("e", &[], "grpc", (1, 1000 - acked), acked as Revision);
+            save_now(&stores[acked as usize % 2], &record).await;
+        }
+        let fresh = open(REDIS, &prefix);
+        assert_eq!(fresh.consumers().await.unwrap()[0].last_acked_revision, 19);
+
+        let tasks: Vec<_> = (0..200_i64)
+            .map(|i| {
+                let store = stores[(i % 2) as usize].clone();
+                // Interleaved so that neither store's saves arrive in order.
+                let acked = if i % 2 == 0 { 200 - i } else { i };
+                tokio::spawn(async move {
+                    let record = consumer("e", &[], "grpc", (1, 2000 + i), acked as Revision);
+                    save_now(&store, &record).await;
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let record = &fresh.consumers().await.unwrap()[0];
+        assert_eq!(
+            (
+                record.last_acked_revision,
+                record.last_seen_ms,
+                record.first_seen_ms
+            ),
+            (200, 2199, 1)
+        );
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_registry_record_is_left_out_and_replaced_by_the_next_save() {
+        let prefix = fresh_prefix();
+        let store = open(REDIS, &prefix);
+        let client = Client::open(REDIS).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let unreadable = r#"{"id":"edge-1/a","endpoint":"","labels":{},"transport":"","first_seen_ms":"1","last_seen_ms":1}"#;
+        for id in ["edge-1/a", "edge-9"] {
+            let _: () = redis::cmd("HSET")
+                .arg(format!("{prefix}:consumers"))
+                .arg(id)
+                .arg(unreadable)
+                .query_async::<redis::Value>(&mut connection)
+                .await
+                .map(drop)
+                .unwrap();
+        }
+        assert_eq!(store.consumers().await.unwrap(), []);
+        let record = consumer("e", &[], "grpc", (1, 2), 3);
+        save_now(&store, &record).await;
+        assert_eq!(open(REDIS, &prefix).consumers().await.unwrap(), [record]);
+        let untouched: String = redis::cmd("HGET")
+            .arg(format!("{prefix}:consumers"))
+            .arg("edge-9")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(untouched, unreadable);
+        remove_keys(REDIS, &prefix).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registry_saves_wait_out_an_outage_and_are_written_when_redis_is_back() {
+        let port = free_port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let mut server = start_redis(port).await;
+        let prefix = fresh_prefix();
+        let mut config = config(&url, &prefix);
+        config.response_timeout = Duration::from_millis(500);
+        let store = RedisStore::connect(config.clone()).unwrap();
+        save_now(&store, &consumer("e", &[], "grpc", (1, 2), 1)).await;
+
+        server.kill().await.unwrap();
+        let started = Instant::now();
+        for acked in 2..=5_u64 {
+            let record = consumer("e", &[], "grpc", (1, 2 + acked as i64), acked);
+            store.save_consumer(&record).await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "saves wait for nobody"
+        );
+        assert!(matches!(
+            store.consumers().await,
+            Err(StoreError::Unavailable(_))
+        ));
+
+        // The unpersisted server comes back empty; the waiting save is written by itself.
+        let _server = start_redis(port).await;
+        let reader = RedisStore::connect(config).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = reader.consumers().await.unwrap_or_default();
+            if records.first().map(|r| r.last_acked_revision) == Some(5) {
+                assert_eq!(records, [consumer("e", &[], "grpc", (1, 7), 5)]);
+                break;
+            }
+            assert!(Instant::now() < deadline, "never written: {records:?}");
+            // Polling while the writer backs off, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn close_writes_what_waits() {
+        let prefix = fresh_prefix();
+        let store = open(REDIS, &prefix);
+        // Text that JSON must escape survives the script's decoding and encoding.
+        let labels = [("zone/a", "é \"quoted\" \\ \u{1}"), ("", "")];
+        save_now(&store, &consumer("e", &labels, "quic", (1, 2), 3)).await;
+        let record = consumer("e", &labels, "quic", (1, 2), 4);
+        store.save_consumer(&record).await.unwrap();
+        store.close().await;
+        let raw: Option<String> = {
+            let client = Client::open(REDIS).unwrap();
+            let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("HGET")
+                .arg(format!("{prefix}:consumers"))
+                .arg("edge-1/a")
+                .query_async(&mut connection)
+                .await
+                .unwrap()
+        };
+        assert!(raw.is_some(), "close did not write the save");
+        assert_eq!(open(REDIS, &prefix).consumers().await.unwrap(), [record]);
+        remove_keys(REDIS, &prefix).await;
     }
 
     #[tokio::test]
