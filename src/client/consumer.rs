@@ -162,7 +162,14 @@ impl<T: Transport> Consumer<T> {
         let acks = self.options.ack.then(|| spawn_acker(session.clone()));
         let mut snapshot: Option<BTreeSet<String>> = None;
         while let Some(update) = stream.next().await {
-            let update = update?;
+            let update = update.map_err(|error| match error {
+                // A live subscription refused: the identity's rights changed. Subscribing
+                // again applies the new ones; a refusal then is final.
+                ClientError::Status { code: 7, message } => {
+                    ClientError::Transport(format!("subscription ended: {message}"))
+                }
+                other => other,
+            })?;
             *progressed = true;
             let kind = UpdateKind::try_from(update.kind).unwrap_or(UpdateKind::Unspecified);
             let applied = match kind {
