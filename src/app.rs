@@ -13,11 +13,13 @@ use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    acl::AclStore,
     config::{CommonArgs, CoreArgs, ServeArgs, UploadArgs},
     core::{Core, CoreConfig},
     grpc::{self, GrpcLimits},
     http,
     quic::{self, QuicLimits},
+    requests::Access,
     store::{FileStore, RedisConfig, RedisStore, Store, StoreError},
     tls::{self, ServerTls, TlsError},
 };
@@ -190,7 +192,15 @@ async fn start_core(
 ) -> Result<StartedCore, AppError> {
     let admin_token = http::auth::BearerToken::new(admin_token)
         .ok_or_else(|| AppError::Config("ADMIN_TOKEN must not be empty".into()))?;
-    let server_tls = Arc::new(ServerTls::load(&args.common.certs_dir)?);
+    let server_tls = Arc::new(ServerTls::load_with_crl(
+        &args.common.certs_dir,
+        args.crl_file.as_deref(),
+    )?);
+    let acl = match &args.acl_file {
+        Some(path) => AclStore::open(path).map_err(|e| AppError::Config(e.to_string()))?,
+        None => AclStore::allow_all(),
+    };
+    let access = Access::new(Arc::new(acl), server_tls.connections());
     let config = CoreConfig {
         retain_changes: args.retain_changes.max(1),
         inline_max_bytes: args.inline_code_max_bytes,
@@ -230,10 +240,18 @@ async fn start_core(
     };
     let grpc_tls = server_tls.grpc_config();
     let grpc_core = core.clone();
+    let grpc_access = access.clone();
     let grpc_accept = servers.streams.accept.clone();
     servers.streams.tasks.spawn(async move {
-        if let Err(error) =
-            grpc::serve(grpc_listener, grpc_tls, grpc_core, limits, grpc_accept).await
+        if let Err(error) = grpc::serve(
+            grpc_listener,
+            grpc_tls,
+            grpc_core,
+            grpc_access,
+            limits,
+            grpc_accept,
+        )
+        .await
         {
             tracing::error!(%error, "grpc server failed");
         }
@@ -241,12 +259,14 @@ async fn start_core(
 
     let quic_tls = server_tls.quic_config();
     let quic_core = core.clone();
+    let quic_access = access.clone();
     let quic_accept = servers.streams.accept.clone();
     servers.streams.tasks.spawn(async move {
         if let Err(error) = quic::serve(
             quic_socket,
             quic_tls,
             quic_core,
+            quic_access,
             QuicLimits::default(),
             quic_accept,
         )
@@ -269,8 +289,13 @@ async fn start_core(
         }
     });
 
-    spawn_reload_on_hangup(
-        server_tls,
+    spawn_reloader(
+        Reloadable {
+            tls: server_tls,
+            acl: access.acl.clone(),
+            core: core.clone(),
+        },
+        args.certs_reload_interval,
         servers.streams.accept.clone(),
         &mut servers.streams.tasks,
     );
@@ -341,28 +366,146 @@ async fn drain(
     println!("workerpush: stopped");
 }
 
-fn spawn_reload_on_hangup(tls: Arc<ServerTls>, stop: CancellationToken, tasks: &mut JoinSet<()>) {
+/// What the reloader reloads.
+struct Reloadable {
+    tls: Arc<ServerTls>,
+    acl: Arc<AclStore>,
+    core: Arc<Core>,
+}
+
+/// Reloads the certificates, the CRL file and the ACL file on SIGHUP, and when their files
+/// change (checked every `interval`; zero: on SIGHUP only). A reload that fails keeps what is
+/// in force, logs, and is tried again at the next check.
+fn spawn_reloader(
+    what: Reloadable,
+    interval: Duration,
+    stop: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
     tasks.spawn(async move {
-        let Ok(mut hangups) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        loop {
-            tokio::select! {
-                received = hangups.recv() => {
-                    if received.is_none() {
-                        return;
-                    }
-                    match tls.reload() {
-                        Ok(()) => tracing::info!("certificates reloaded"),
-                        Err(error) => tracing::error!(%error, "certificate reload failed; keeping the old ones"),
-                    }
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hangups) => Some(hangups),
+                Err(error) => {
+                    tracing::warn!(%error, "no SIGHUP handler; reloading on file changes only");
+                    None
                 }
+            };
+        let mut ticks = (!interval.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        let what = Arc::new(what);
+        let mut certs = Watched::new(what.tls.files());
+        let mut acl = Watched::new(what.acl.path().map(Path::to_path_buf).into_iter().collect());
+        loop {
+            let forced = tokio::select! {
+                received = async { hangups.as_mut()?.recv().await }, if hangups.is_some() => {
+                    if received.is_none() {
+                        hangups = None;
+                        continue;
+                    }
+                    true
+                }
+                Some(_) = async { Some(ticks.as_mut()?.tick().await) }, if ticks.is_some() => false,
                 () = stop.cancelled() => return,
+            };
+            // Reading files and re-verifying live connections blocks.
+            let what = what.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                certs.check(forced, "certificates", || {
+                    let reloaded = what.tls.reload()?;
+                    tracing::info!(
+                        revoked_connections = reloaded.revoked_connections,
+                        "certificates reloaded"
+                    );
+                    Ok::<_, TlsError>(())
+                });
+                acl.check(forced, "ACL", || {
+                    let core = &what.core;
+                    if what.acl.reload(|| (core.epoch(), core.head()))? {
+                        tracing::info!("ACL reloaded");
+                    }
+                    Ok::<_, crate::acl::AclError>(())
+                });
+                (certs, acl)
+            })
+            .await;
+            match checked {
+                Ok(state) => (certs, acl) = state,
+                Err(error) => {
+                    tracing::error!(%error, "reloader failed; no more reloads");
+                    return;
+                }
             }
         }
     });
+}
+
+/// Files reloaded together, and what they looked like when last loaded.
+struct Watched {
+    files: Vec<PathBuf>,
+    loaded: Vec<Option<FileStamp>>,
+    last_error: Option<String>,
+}
+
+/// Enough of a file's metadata to notice a rewrite or a rename over it.
+type FileStamp = (std::time::SystemTime, u64, u64);
+
+impl Watched {
+    fn new(files: Vec<PathBuf>) -> Self {
+        let loaded = stamps(&files);
+        Self {
+            files,
+            loaded,
+            last_error: None,
+        }
+    }
+
+    /// Reloads with `reload` if forced or a file changed since the last successful load.
+    fn check<E: std::fmt::Display>(
+        &mut self,
+        forced: bool,
+        what: &str,
+        reload: impl FnOnce() -> Result<(), E>,
+    ) {
+        if self.files.is_empty() {
+            return;
+        }
+        // Taken before reading, so a write during the reload is noticed next time.
+        let now = stamps(&self.files);
+        if !forced && now == self.loaded {
+            return;
+        }
+        match reload() {
+            Ok(()) => {
+                self.loaded = now;
+                self.last_error = None;
+            }
+            Err(error) => {
+                // Half-written sets (a new certificate before its key) fail until complete;
+                // say so once per distinct error, not every check.
+                let error = error.to_string();
+                if self.last_error.as_ref() != Some(&error) {
+                    tracing::error!(%error, "{what} reload failed; keeping what is in force");
+                    self.last_error = Some(error);
+                }
+            }
+        }
+    }
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<FileStamp>> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|file| {
+            let meta = std::fs::metadata(file).ok()?;
+            Some((meta.modified().ok()?, meta.len(), meta.ino()))
+        })
+        .collect()
 }
 
 /// Buckets of the latency histograms, in seconds: a millisecond to a minute.

@@ -88,6 +88,18 @@ pub struct CoreArgs {
     /// Largest worker code the core accepts, in bytes.
     #[arg(long, env = "MAX_CODE_BYTES", default_value_t = 10 << 20)]
     pub max_code_bytes: u64,
+    /// ACL file: which workers each client identity may see, one `identity: pattern, …` line
+    /// each (`*` globs). Without one, every authenticated consumer sees every worker.
+    #[arg(long, env = "ACL_FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// PEM certificate revocation lists of the client CA: revoked client certificates are
+    /// refused, and their live connections cut.
+    #[arg(long, env = "CRL_FILE")]
+    pub crl_file: Option<PathBuf>,
+    /// How often the certificates, the CRL file and the ACL file are checked for changes and
+    /// reloaded (SIGHUP reloads at once); 0 checks only on SIGHUP.
+    #[arg(long, env = "CERTS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub certs_reload_interval: Duration,
 }
 
 /// Settings every server role takes.

@@ -1,6 +1,7 @@
 //! workerpush: the push control plane of a self-hosted Workers platform.
 //!
 //! # Layout
+//! - [`acl`]: which workers each certificate identity may see (the ACL file), reloadable.
 //! - [`core`]: revisions, epochs, the retained log, subscriptions (replay, RESET, SYNCED),
 //!   publishing, the consumer registry. No transport code.
 //! - [`store`]: durable state behind one trait — memory, embedded files, Redis.
@@ -17,6 +18,7 @@
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod app;
 pub mod client;
 pub mod config;

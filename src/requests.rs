@@ -1,14 +1,21 @@
 //! The contract's requests mapped onto the core, once for every transport: validation, the
-//! identity rules (`consumer_id` against the certificate identity) and the core calls.
+//! identity rules (`consumer_id` against the certificate identity), authorization (the ACL:
+//! which workers the identity may see) and the core calls.
+//!
+//! A worker the identity may not see is never shown: snapshots, listings and live changes are
+//! narrowed to its rights, and naming such a worker (subscribe, list, fetch, ack) is
+//! PERMISSION_DENIED whether or not it exists, so the answer is no existence oracle.
 //!
 //! gRPC and QUIC call these and convert the [`RequestError`] at their edge (a `tonic::Status`,
 //! a QUIC `Status` frame) through [`crate::core::Coded`]. Limits that belong to a transport
 //! (stream permits) stay in the transport, between validation and the core call, so that a bad
-//! request is refused as such even on a busy server. Depends on the core and the contract only.
+//! request is refused as such even on a busy server. Depends on the core, the ACL, the contract
+//! and the TLS connection registry.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
+    acl::{AclStore, Rights, RightsGuard},
     core::{
         Ack, Bundle, ConsumerId, Core, InvalidInput, RequestError, SubscribeParams, Version,
         WorkerFilter, WorkerName,
@@ -17,6 +24,7 @@ use crate::{
         AckRequest, AckResponse, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse,
         RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
     },
+    tls::LiveConnections,
 };
 
 /// Size of the chunks a fetch streams.
@@ -29,6 +37,29 @@ const MAX_LABELS: usize = 64;
 /// Longest failure reason an ack keeps.
 const MAX_ACK_ERROR_BYTES: usize = 1024;
 
+/// What both transports consult besides the core: who may see which workers, and where to
+/// track connections so that revoking a certificate cuts them.
+#[derive(Clone, Debug)]
+pub struct Access {
+    /// The ACL in force.
+    pub acl: Arc<AclStore>,
+    /// The live connections of both transports (from [`crate::tls::ServerTls::connections`]).
+    pub connections: Arc<LiveConnections>,
+}
+
+impl Access {
+    /// `acl`, and the connection registry of the server's TLS.
+    pub fn new(acl: Arc<AclStore>, connections: Arc<LiveConnections>) -> Self {
+        Self { acl, connections }
+    }
+
+    /// No ACL (every identity sees every worker) and a registry nothing revokes from: for
+    /// tests and tools without a [`crate::tls::ServerTls`].
+    pub fn allow_all() -> Self {
+        Self::new(Arc::new(AclStore::allow_all()), LiveConnections::new())
+    }
+}
+
 /// Who sent a request: the verified identity of its connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller<'a> {
@@ -38,30 +69,70 @@ pub struct Caller<'a> {
     pub remote: SocketAddr,
     /// `grpc` or `quic`.
     pub transport: &'static str,
+    /// The ACL the request is judged by.
+    pub acl: &'a AclStore,
 }
 
-/// Validates a subscription: the consumer id is the caller's, the names are worker names.
+impl Caller<'_> {
+    fn rights(&self) -> Rights {
+        self.acl.rights(self.identity)
+    }
+}
+
+/// The workers a request for `names` covers under `rights`: every name must be allowed
+/// (refused otherwise, existing or not), and no names means every worker the rights allow.
+fn permitted<S: AsRef<str>>(rights: &Rights, names: &[S]) -> Result<WorkerFilter, RequestError> {
+    let requested = WorkerFilter::parse(names)?;
+    if let Some(denied) = requested
+        .names()
+        .and_then(|names| names.iter().find(|name| !rights.allows(name)))
+    {
+        return Err(denied_error(denied));
+    }
+    Ok(rights.narrow(requested))
+}
+
+fn denied_error(worker: &WorkerName) -> RequestError {
+    metrics::counter!("workerpush_acl_denials_total").increment(1);
+    RequestError::PermissionDenied(worker.clone())
+}
+
+/// Validates a subscription: the consumer id is the caller's, the names are worker names the
+/// caller may see. Returns the parameters and the guard of the rights they were made under:
+/// the transport ends the subscription (PERMISSION_DENIED) once the guard no longer holds.
+///
+/// A resume position from before a change of the caller's rights is not honoured: the
+/// subscription starts over with RESET and a snapshot under the rights of now.
 pub fn subscribe_params(
     caller: Caller<'_>,
     request: SubscribeRequest,
-) -> Result<SubscribeParams, RequestError> {
+) -> Result<(SubscribeParams, RightsGuard), RequestError> {
     let consumer_id = ConsumerId::authorize(caller.identity, &request.consumer_id)?;
-    let filter = WorkerFilter::parse(&request.worker_names)?;
-    let resume = (!request.epoch.is_empty()).then_some((request.epoch, request.resume_revision));
-    Ok(SubscribeParams {
+    let guard = caller.acl.guard(caller.identity);
+    let filter = permitted(guard.rights(), &request.worker_names)?;
+    let resume = (!request.epoch.is_empty())
+        .then_some((request.epoch, request.resume_revision))
+        .filter(|(epoch, revision)| caller.acl.resumable(caller.identity, epoch, *revision));
+    let params = SubscribeParams {
         consumer_id,
         filter,
         resume,
         transport: caller.transport,
         remote: Some(caller.remote),
-    })
+    };
+    Ok((params, guard))
 }
 
-/// Validates a fetch: which worker, and which version (`None`: the latest).
+/// Validates a fetch: which worker (one the caller may see), and which version (`None`: the
+/// latest).
 pub fn fetch_target(
+    caller: Caller<'_>,
     request: &FetchWorkerRequest,
 ) -> Result<(WorkerName, Option<Version>), RequestError> {
     let worker = WorkerName::parse(&request.worker_name)?;
+    if !caller.rights().allows(&worker) {
+        return Err(denied_error(&worker));
+    }
     let version = match request.version.as_str() {
         "" => None,
         v => Some(Version::parse(v)?),
@@ -100,6 +171,9 @@ pub async fn ack(
 ) -> Result<AckResponse, RequestError> {
     let consumer_id = ConsumerId::authorize(caller.identity, &request.consumer_id)?;
     let worker = WorkerName::parse(&request.worker_name)?;
+    if !caller.rights().allows(&worker) {
+        return Err(denied_error(&worker));
+    }
     let mut error = request.error;
     if error.len() > MAX_ACK_ERROR_BYTES {
         let mut end = MAX_ACK_ERROR_BYTES;
@@ -122,12 +196,14 @@ pub async fn ack(
     Ok(AckResponse {})
 }
 
-/// The latest version of each live worker the request names.
+/// The latest version of each live worker the request names (none: every worker) that the
+/// caller may see.
 pub fn list(
     core: &Core,
+    caller: Caller<'_>,
     request: &ListWorkersRequest,
 ) -> Result<ListWorkersResponse, RequestError> {
-    let filter = WorkerFilter::parse(&request.worker_names)?;
+    let filter = permitted(&caller.rights(), &request.worker_names)?;
     let listing = core.list(&filter);
     Ok(ListWorkersResponse {
         workers: listing.workers,
@@ -170,11 +246,18 @@ mod tests {
         store::MemoryStore,
     };
 
+    static ALLOW_ALL: std::sync::LazyLock<AclStore> = std::sync::LazyLock::new(AclStore::allow_all);
+
     fn caller() -> Caller<'static> {
+        caller_with(&ALLOW_ALL)
+    }
+
+    fn caller_with(acl: &AclStore) -> Caller<'_> {
         Caller {
             identity: "edge",
             remote: SocketAddr::from(([127, 0, 0, 1], 9)),
             transport: "test",
+            acl,
         }
     }
 
@@ -194,8 +277,8 @@ mod tests {
                 },
             )
         };
-        assert_eq!(subscribe("", &[]).unwrap().consumer_id.as_str(), "edge");
-        let own = subscribe("edge/runtime-2", &["a"]).unwrap();
+        assert_eq!(subscribe("", &[]).unwrap().0.consumer_id.as_str(), "edge");
+        let (own, _) = subscribe("edge/runtime-2", &["a"]).unwrap();
         assert_eq!(own.consumer_id.as_str(), "edge/runtime-2");
         assert!(own.resume.is_none());
         let other = subscribe("edge-2", &[]).unwrap_err();
@@ -226,6 +309,88 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(code(&refused), ErrorCode::InvalidArgument);
+        core.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn workers_outside_the_rights_are_denied_whether_or_not_they_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acl");
+        std::fs::write(&path, "edge: shop-*\n").unwrap();
+        let acl = AclStore::open(&path).unwrap();
+        let core = Core::open(Arc::new(MemoryStore::new(16)), CoreConfig::default())
+            .await
+            .unwrap();
+        for worker in ["shop-cart", "admin-panel"] {
+            core.publish(
+                WorkerName::parse(worker).unwrap(),
+                Version::parse("1").unwrap(),
+                bytes::Bytes::from_static(b"code"),
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        let caller = caller_with(&acl);
+        let names = |names: &[&str]| names.iter().map(ToString::to_string).collect();
+        let listed = list(&core, caller, &ListWorkersRequest::default()).unwrap();
+        let listed: Vec<_> = listed
+            .workers
+            .iter()
+            .map(|w| w.worker_name.as_str())
+            .collect();
+        assert_eq!(listed, ["shop-cart"]);
+        for asked in [
+            &["admin-panel"][..],
+            &["no-such-worker"],
+            &["shop-cart", "admin-panel"],
+        ] {
+            let refused = list(
+                &core,
+                caller,
+                &ListWorkersRequest {
+                    worker_names: names(asked),
+                },
+            )
+            .unwrap_err();
+            assert_eq!(code(&refused), ErrorCode::PermissionDenied, "{asked:?}");
+            let subscribe = SubscribeRequest {
+                worker_names: names(asked),
+                ..SubscribeRequest::default()
+            };
+            let refused = subscribe_params(caller, subscribe).unwrap_err();
+            assert_eq!(code(&refused), ErrorCode::PermissionDenied, "{asked:?}");
+        }
+        for worker in ["admin-panel", "no-such-worker"] {
+            let fetch = FetchWorkerRequest {
+                worker_name: worker.into(),
+                version: String::new(),
+            };
+            let refused = fetch_target(caller, &fetch).unwrap_err();
+            assert_eq!(code(&refused), ErrorCode::PermissionDenied, "{worker}");
+            let refused = ack(
+                &core,
+                caller,
+                AckRequest {
+                    worker_name: worker.into(),
+                    ..AckRequest::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(code(&refused), ErrorCode::PermissionDenied, "{worker}");
+        }
+        let (params, _) = subscribe_params(caller, SubscribeRequest::default()).unwrap();
+        assert!(
+            params
+                .filter
+                .matches(&WorkerName::parse("shop-cart").unwrap())
+        );
+        assert!(
+            !params
+                .filter
+                .matches(&WorkerName::parse("admin-panel").unwrap())
+        );
         core.shutdown().await;
     }
 }

@@ -42,6 +42,7 @@ async fn stalled_subscriber_converges_and_never_delays_the_others() {
         listener,
         server_tls.grpc_config(),
         core.clone(),
+        workerpush::requests::Access::allow_all(),
         GrpcLimits::default(),
         stop.clone(),
     ));

@@ -184,7 +184,14 @@ impl<T: Transport> Consumer<T> {
                 }
             };
             let Some(update) = next else { break };
-            let update = update?;
+            let update = update.map_err(|error| match error {
+                // A live subscription refused: the identity's rights changed. Subscribing
+                // again applies the new ones; a refusal then is final.
+                ClientError::Status { code: 7, message } => {
+                    ClientError::Transport(format!("subscription ended: {message}"))
+                }
+                other => other,
+            })?;
             *progressed = true;
             let kind = UpdateKind::try_from(update.kind).unwrap_or(UpdateKind::Unspecified);
             let applied = match kind {

@@ -179,6 +179,10 @@ pub enum RequestError {
     /// the worker's existence must not leak.
     #[error("permission denied for worker {0}")]
     PermissionDenied(WorkerName),
+    /// The identity's rights changed while it was subscribed: the subscription ends, and a new
+    /// one is judged by the new rights.
+    #[error("permission denied: access rights changed; subscribe again")]
+    RightsChanged,
     /// No such worker or version.
     #[error("{0} not found")]
     NotFound(String),
@@ -198,7 +202,7 @@ impl Coded for RequestError {
         match self {
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::ConsumerId(e) => e.code(),
-            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Self::PermissionDenied(_) | Self::RightsChanged => ErrorCode::PermissionDenied,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Self::Store(e) => e.code(),

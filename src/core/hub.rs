@@ -284,11 +284,18 @@ impl HubState {
     /// The latest entry of every live worker passing `filter`, ascending by revision.
     pub fn snapshot(&self, filter: &WorkerFilter) -> Vec<Arc<Entry>> {
         match filter.names() {
-            None => self.live.values().cloned().collect(),
+            None => self
+                .live
+                .values()
+                .filter(|e| filter.matches(&e.change.worker))
+                .cloned()
+                .collect(),
             Some(names) => {
                 let mut entries: Vec<_> = names
                     .iter()
-                    .filter_map(|n| self.latest.get(n).cloned())
+                    .filter_map(|n| self.latest.get(n))
+                    .filter(|e| filter.matches(&e.change.worker))
+                    .cloned()
                     .collect();
                 entries.sort_by_key(|e| e.change.revision);
                 entries

@@ -182,23 +182,125 @@ pub enum ConsumerIdError {
 pub const MAX_FILTER_NAMES: usize = 10_000;
 
 /// Which workers a subscription or listing covers.
+/// A worker-name pattern: worker-name characters and `*`, which matches any run of them
+/// (`shop-*`, `*-eu`, `*`). Without `*` it names exactly one worker.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamePattern(Arc<str>);
+
+impl NamePattern {
+    /// Validates a pattern: 1 to 128 characters of `[a-z0-9_*-]`.
+    pub fn parse(text: &str) -> Result<Self, InvalidInput> {
+        let valid = (1..=128).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*'));
+        if valid {
+            Ok(Self(text.into()))
+        } else {
+            Err(InvalidInput::Other(format!(
+                "invalid worker name pattern {:?}: use [a-z0-9_-] and * only",
+                truncate_for_message(text)
+            )))
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `name` matches: linear in the name, no allocation (it runs per change per
+    /// subscriber).
+    pub fn matches(&self, name: &str) -> bool {
+        let Some((head, last)) = self.0.rsplit_once('*') else {
+            return *self.0 == *name;
+        };
+        let Some(mut rest) = name.strip_suffix(last) else {
+            return false;
+        };
+        let mut parts = head.split('*');
+        // `split` yields at least one part.
+        let first = parts.next().unwrap_or_default();
+        let Some(after_first) = rest.strip_prefix(first) else {
+            return false;
+        };
+        rest = after_first;
+        for part in parts {
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+impl fmt::Debug for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A set of [`NamePattern`]s, sorted and without duplicates so that equal sets compare equal.
+/// An empty set matches nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkerFilter(Option<Arc<[WorkerName]>>);
+pub struct NamePatterns(Arc<[NamePattern]>);
+
+impl NamePatterns {
+    /// The set of `patterns`.
+    pub fn new(mut patterns: Vec<NamePattern>) -> Self {
+        patterns.sort();
+        patterns.dedup();
+        Self(patterns.into())
+    }
+
+    /// Whether any pattern matches `name`.
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|p| p.matches(name))
+    }
+
+    /// Whether some pattern is `*`, which matches every worker.
+    pub fn matches_everything(&self) -> bool {
+        self.0.iter().any(|p| p.as_str() == "*")
+    }
+
+    /// The patterns, sorted.
+    pub fn as_slice(&self) -> &[NamePattern] {
+        &self.0
+    }
+}
+
+/// Which workers a subscription or listing covers: the names asked for (or every worker),
+/// narrowed to the patterns the consumer may see (or not narrowed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerFilter {
+    names: Option<Arc<[WorkerName]>>,
+    patterns: Option<NamePatterns>,
+}
 
 impl WorkerFilter {
     /// Every worker.
     pub fn all() -> Self {
-        Self(None)
+        Self::default()
     }
 
     /// Only these workers; an empty list means every worker.
     pub fn only(mut names: Vec<WorkerName>) -> Self {
         if names.is_empty() {
-            return Self(None);
+            return Self::all();
         }
         names.sort();
         names.dedup();
-        Self(Some(names.into()))
+        Self {
+            names: Some(names.into()),
+            patterns: None,
+        }
     }
 
     /// Validates the names of a request (at most [`MAX_FILTER_NAMES`]).
@@ -216,17 +318,33 @@ impl WorkerFilter {
         Ok(Self::only(names))
     }
 
-    /// Whether `worker` passes the filter.
-    pub fn matches(&self, worker: &WorkerName) -> bool {
-        match &self.0 {
-            None => true,
-            Some(names) => names.binary_search(worker).is_ok(),
-        }
+    /// This filter narrowed to workers matching `patterns` (the intersection).
+    pub fn within(mut self, patterns: NamePatterns) -> Self {
+        self.patterns = Some(patterns);
+        self
     }
 
-    /// The names, or `None` for every worker.
+    /// Whether `worker` passes the filter.
+    pub fn matches(&self, worker: &WorkerName) -> bool {
+        let named = match &self.names {
+            None => true,
+            Some(names) => names.binary_search(worker).is_ok(),
+        };
+        named
+            && self
+                .patterns
+                .as_ref()
+                .is_none_or(|patterns| patterns.matches(worker.as_str()))
+    }
+
+    /// The names, or `None` for every worker (before narrowing to [`Self::patterns`]).
     pub fn names(&self) -> Option<&[WorkerName]> {
-        self.0.as_deref()
+        self.names.as_deref()
+    }
+
+    /// The patterns it is narrowed to, if any.
+    pub fn patterns(&self) -> Option<&NamePatterns> {
+        self.patterns.as_ref()
     }
 }
 
@@ -311,5 +429,50 @@ mod tests {
             WorkerFilter::all()
         );
         assert!(WorkerFilter::parse(&["a", "B"]).is_err());
+    }
+
+    #[test]
+    fn patterns_match_with_stars_anywhere() {
+        let p = |text| NamePattern::parse(text).unwrap();
+        let cases = [
+            ("shop-*", "shop-cart", true),
+            ("shop-*", "shop-", true),
+            ("shop-*", "shop", false),
+            ("shop-*", "admin-shop-x", false),
+            ("*-eu", "cart-eu", true),
+            ("*-eu", "cart-eu-2", false),
+            ("*", "anything", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "ac", false),
+            ("a*a", "a", false),
+            ("a*a", "aa", true),
+            ("exact", "exact", true),
+            ("exact", "exact-2", false),
+            ("**", "x", true),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(p(pattern).matches(name), expected, "{pattern} ~ {name}");
+        }
+        for bad in ["", "Shop-*", "shop/*", "a b", &"a".repeat(129)] {
+            assert!(NamePattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filter_is_the_intersection_of_names_and_patterns() {
+        let name = |n| WorkerName::parse(n).unwrap();
+        let shop = NamePatterns::new(vec![NamePattern::parse("shop-*").unwrap()]);
+        let all_shop = WorkerFilter::all().within(shop.clone());
+        assert!(all_shop.matches(&name("shop-cart")));
+        assert!(!all_shop.matches(&name("admin-panel")));
+        let named = WorkerFilter::parse(&["shop-cart", "admin-panel"])
+            .unwrap()
+            .within(shop);
+        assert!(named.matches(&name("shop-cart")));
+        assert!(!named.matches(&name("admin-panel")));
+        assert!(!named.matches(&name("shop-other")));
+        let nothing = WorkerFilter::all().within(NamePatterns::default());
+        assert!(!nothing.matches(&name("shop-cart")));
     }
 }

@@ -1,8 +1,11 @@
 //! Accepts TCP connections and completes the mutual-TLS handshake before tonic sees them, so
 //! that every connection carries its verified identity ([`PeerInfo`]) and slow or hostile
-//! handshakes are bounded in time and number.
+//! handshakes are bounded in time and number. Each connection is tracked in
+//! [`tls::LiveConnections`] and fails its next read or write once its client certificate is
+//! revoked, which makes hyper drop it with every stream on it.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -18,7 +21,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::tls;
@@ -36,6 +39,23 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Registered while the connection lives.
+    _tracked: tls::Tracked,
+    /// Ready once the client certificate is revoked.
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl TlsConnection {
+    /// An error once the certificate is revoked; otherwise registers `cx` to be woken then.
+    fn still_trusted(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client certificate revoked",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Connected for TlsConnection {
@@ -52,6 +72,8 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // hyper keeps a read pending for the life of the connection, so a revocation wakes it.
+        self.still_trusted(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -62,6 +84,7 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.still_trusted(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -70,6 +93,7 @@ impl AsyncWrite for TlsConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.still_trusted(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -95,10 +119,12 @@ pub struct HandshakeLimits {
     pub concurrent: usize,
 }
 
-/// Accepts on `listener` until `shutdown`, yielding verified connections.
+/// Accepts on `listener` until `shutdown`, yielding verified connections tracked in
+/// `connections`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    connections: Arc<tls::LiveConnections>,
     limits: HandshakeLimits,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
@@ -125,6 +151,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await;
@@ -141,24 +168,27 @@ pub fn incoming(
                         return;
                     }
                 };
-                let identity = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .map(tls::identity_of);
-                let identity = match identity {
+                let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                let identity = match chain.first().map(tls::identity_of) {
                     Some(Ok(identity)) => identity,
                     other => {
                         tracing::debug!(%remote, ?other, "grpc client certificate has no identity");
                         return;
                     }
                 };
+                let tracked = connections.track(chain);
+                let revoked = Box::pin(tracked.cut().clone().cancelled_owned());
                 let peer = PeerInfo {
                     remote,
                     identity: identity.into(),
                 };
-                let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                let connection = TlsConnection {
+                    stream,
+                    peer,
+                    _tracked: tracked,
+                    revoked,
+                };
+                let _ = tx.send(Ok(connection)).await;
             });
         }
     });

@@ -26,7 +26,7 @@ use tonic_health::{
 pub use incoming::{HandshakeLimits, PeerInfo};
 pub use service::ControlPlaneService;
 
-use crate::{core::Core, pb::server::control_plane_server::ControlPlaneServer};
+use crate::{core::Core, pb::server::control_plane_server::ControlPlaneServer, requests::Access};
 
 /// Limits of the gRPC server.
 #[derive(Clone, Copy, Debug)]
@@ -61,15 +61,23 @@ impl Default for GrpcLimits {
 
 /// Serves gRPC on `listener` until `shutdown`: then stops accepting and drains. Streams end
 /// with UNAVAILABLE when the core shuts down, so clients reconnect elsewhere and resume.
+/// Requests are judged by `access.acl`; connections are tracked in `access.connections`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     core: Arc<Core>,
+    access: Access,
     limits: GrpcLimits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = incoming::incoming(listener, tls, limits.handshake, shutdown.clone());
-    let service = ControlPlaneService::new(core, limits.max_streams);
+    let incoming = incoming::incoming(
+        listener,
+        tls,
+        access.connections.clone(),
+        limits.handshake,
+        shutdown.clone(),
+    );
+    let service = ControlPlaneService::new(core, access.acl, limits.max_streams);
     let health = tonic_health::server::HealthReporter::new();
     health
         .set_serving::<ControlPlaneServer<ControlPlaneService>>()

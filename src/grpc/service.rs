@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::PeerInfo;
 use crate::{
-    core::{Coded, Core, Ended},
+    acl::AclStore,
+    core::{Coded, Core, Ended, RequestError},
     pb::{
         AckRequest, AckResponse, EncodedUpdate, FetchWorkerRequest, ListWorkersRequest,
         ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
@@ -23,15 +24,26 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// The gRPC face of the core.
 pub struct ControlPlaneService {
     core: Arc<Core>,
+    acl: Arc<AclStore>,
     streams: Arc<Semaphore>,
 }
 
 impl ControlPlaneService {
-    /// Serves `core`, with at most `max_streams` concurrent streams.
-    pub fn new(core: Arc<Core>, max_streams: usize) -> Self {
+    /// Serves `core` under `acl`, with at most `max_streams` concurrent streams.
+    pub fn new(core: Arc<Core>, acl: Arc<AclStore>, max_streams: usize) -> Self {
         Self {
             core,
+            acl,
             streams: Arc::new(Semaphore::new(max_streams)),
+        }
+    }
+
+    fn caller<'a>(&'a self, peer: &'a PeerInfo) -> Caller<'a> {
+        Caller {
+            identity: &peer.identity,
+            remote: peer.remote,
+            transport: "grpc",
+            acl: &self.acl,
         }
     }
 
@@ -53,14 +65,6 @@ fn peer<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
         .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
 }
 
-fn caller(peer: &PeerInfo) -> Caller<'_> {
-    Caller {
-        identity: &peer.identity,
-        remote: peer.remote,
-        transport: "grpc",
-    }
-}
-
 /// The one conversion from core errors to gRPC statuses.
 pub fn status(error: &impl Coded) -> Status {
     Status::new(
@@ -79,22 +83,30 @@ impl ControlPlane for ControlPlaneService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeWorkerUpdatesStream>, Status> {
         let peer = peer(&request)?;
-        let params = requests::subscribe_params(caller(&peer), request.into_inner())
+        let (params, guard) = requests::subscribe_params(self.caller(&peer), request.into_inner())
             .map_err(|e| status(&e))?;
         let permit = self.stream_permit()?;
         let subscription = self.core.subscribe(params).map_err(|e| status(&e))?;
         tracing::debug!(consumer = %subscription.info().consumer_id, remote = %peer.remote, "grpc subscription");
         let delivered = metrics::counter!("workerpush_deliveries_total", "transport" => "grpc");
         let stream = futures_util::stream::unfold(
-            Some((subscription, permit, delivered)),
+            Some((subscription, guard, permit, delivered)),
             |state| async move {
-                let (mut subscription, permit, delivered) = state?;
-                match subscription.next().await {
-                    Ok(update) => {
+                let (mut subscription, mut guard, permit, delivered) = state?;
+                let next = tokio::select! {
+                    biased;
+                    () = guard.lost() => None,
+                    next = subscription.next() => Some(next),
+                };
+                match next {
+                    // Checked after taking the update: one published after an ACL reload is
+                    // never sent under the old rights.
+                    Some(Ok(update)) if guard.holds() => {
                         delivered.increment(1);
-                        Some((Ok(update), Some((subscription, permit, delivered))))
+                        Some((Ok(update), Some((subscription, guard, permit, delivered))))
                     }
-                    Err(Ended::ShuttingDown) => Some((
+                    None | Some(Ok(_)) => Some((Err(status(&RequestError::RightsChanged)), None)),
+                    Some(Err(Ended::ShuttingDown)) => Some((
                         Err(Status::unavailable(
                             "server shutting down; reconnect and resume",
                         )),
@@ -111,7 +123,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let peer = peer(&request)?;
-        let response = requests::register(&self.core, caller(&peer), request.into_inner())
+        let response = requests::register(&self.core, self.caller(&peer), request.into_inner())
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(response))
@@ -122,7 +134,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<AckRequest>,
     ) -> Result<Response<AckResponse>, Status> {
         let peer = peer(&request)?;
-        let response = requests::ack(&self.core, caller(&peer), request.into_inner())
+        let response = requests::ack(&self.core, self.caller(&peer), request.into_inner())
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(response))
@@ -132,9 +144,9 @@ impl ControlPlane for ControlPlaneService {
         &self,
         request: Request<FetchWorkerRequest>,
     ) -> Result<Response<Self::FetchWorkerStream>, Status> {
-        peer(&request)?;
-        let (worker, version) =
-            requests::fetch_target(request.get_ref()).map_err(|e| status(&e))?;
+        let peer = peer(&request)?;
+        let (worker, version) = requests::fetch_target(self.caller(&peer), request.get_ref())
+            .map_err(|e| status(&e))?;
         let permit = self.stream_permit()?;
         let bundle = self
             .core
@@ -152,8 +164,9 @@ impl ControlPlane for ControlPlaneService {
         &self,
         request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
-        peer(&request)?;
-        let response = requests::list(&self.core, request.get_ref()).map_err(|e| status(&e))?;
+        let peer = peer(&request)?;
+        let response = requests::list(&self.core, self.caller(&peer), request.get_ref())
+            .map_err(|e| status(&e))?;
         Ok(Response::new(response))
     }
 }

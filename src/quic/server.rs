@@ -3,7 +3,8 @@
 //! stream until shut down, then drains without dropping frames already written.
 //!
 //! A stream's trouble stays on that stream: a bad frame or a refused request gets a `Status`
-//! frame and a finish there, and the connection and its other streams go on.
+//! frame and a finish there, and the connection and its other streams go on. A connection
+//! whose client certificate is revoked is closed whole (see [`tls::LiveConnections`]).
 
 use std::{
     io,
@@ -26,9 +27,10 @@ use super::{
     frames::{FrameReader, ReadFrameError},
 };
 use crate::{
+    acl::{AclStore, RightsGuard},
     core::{Bundle, Coded, Core, Ended, ErrorCode, RequestError, Subscription},
     pb::{QuicRequest, QuicResponse, Status, quic_request::Request, quic_response::Response},
-    requests::{self, Caller},
+    requests::{self, Access, Caller},
     tls,
 };
 
@@ -38,6 +40,8 @@ const TRANSPORT: &str = "quic";
 const CLOSE_DONE: u32 = 0;
 /// Application close code: the peer is refused (no usable identity, wrong protocol).
 const CLOSE_REFUSED: u32 = 1;
+/// Application close code: the peer's client certificate has been revoked.
+const CLOSE_REVOKED: u32 = 2;
 
 /// Subscription streams are sent ahead of fetch streams (priority 0) on a shared connection,
 /// so a large fetch never delays updates.
@@ -90,6 +94,7 @@ impl Default for QuicLimits {
 /// What every connection task shares.
 struct Shared {
     core: Arc<Core>,
+    access: Access,
     limits: QuicLimits,
     /// Stop accepting, end subscriptions with UNAVAILABLE, finish what is in flight.
     shutdown: CancellationToken,
@@ -102,11 +107,13 @@ struct Shared {
 /// Then it stops accepting, ends subscriptions with an UNAVAILABLE frame (clients reconnect,
 /// maybe elsewhere, and resume), lets finite answers complete, waits until peers have every
 /// byte written, and closes — forcibly only after [`QuicLimits::drain_timeout`]. Returns an
-/// error only if the endpoint cannot be set up.
+/// error only if the endpoint cannot be set up. Requests are judged by `access.acl`;
+/// connections are tracked in `access.connections`.
 pub async fn serve(
     socket: UdpSocket,
     tls: Arc<rustls::ServerConfig>,
     core: Arc<Core>,
+    access: Access,
     limits: QuicLimits,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -114,6 +121,7 @@ pub async fn serve(
     tracing::info!(local = %endpoint.local_addr()?, "QUIC serving");
     let shared = Arc::new(Shared {
         core,
+        access,
         limits,
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
@@ -190,11 +198,12 @@ struct Peer {
 }
 
 impl Peer {
-    fn caller(&self) -> Caller<'_> {
+    fn caller<'a>(&'a self, acl: &'a AclStore) -> Caller<'a> {
         Caller {
             identity: &self.identity,
             remote: self.remote,
             transport: TRANSPORT,
+            acl,
         }
     }
 }
@@ -217,19 +226,23 @@ async fn connection(
         Err(reason) => return refused(&reason),
     };
     drop(handshake);
-    let identity = match identity(&connection) {
-        Ok(identity) => identity,
+    let (identity, chain) = match identity(&connection) {
+        Ok(verified) => verified,
         Err(reason) => {
             connection.close(CLOSE_REFUSED.into(), reason.as_bytes());
             return refused(&reason);
         }
     };
+    let tracked = shared.access.connections.track(&chain);
+    drop(chain);
     let span = tracing::info_span!("quic_connection", %remote, %identity);
     let peer = Arc::new(Peer {
         identity: identity.into(),
         remote,
     });
-    streams(connection, peer, shared).instrument(span).await;
+    streams(connection, peer, tracked, shared)
+        .instrument(span)
+        .await;
 }
 
 async fn accept(incoming: Incoming, shared: &Shared) -> Result<Connection, String> {
@@ -244,8 +257,9 @@ async fn accept(incoming: Incoming, shared: &Shared) -> Result<Connection, Strin
     }
 }
 
-/// The peer's identity from its verified certificate, once the protocol is known to be ours.
-fn identity(connection: &Connection) -> Result<String, String> {
+/// The peer's identity from its verified certificate, once the protocol is known to be ours,
+/// and the certificate chain it presented.
+fn identity(connection: &Connection) -> Result<(String, Vec<CertificateDer<'static>>), String> {
     let alpn = connection
         .handshake_data()
         .and_then(|data| data.downcast::<HandshakeData>().ok())
@@ -258,11 +272,18 @@ fn identity(connection: &Connection) -> Result<String, String> {
         .and_then(|chain| chain.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or("no client certificate")?;
     let leaf = chain.first().ok_or("empty client certificate chain")?;
-    tls::identity_of(leaf).map_err(|e| e.to_string())
+    let identity = tls::identity_of(leaf).map_err(|e| e.to_string())?;
+    Ok((identity, *chain))
 }
 
-/// Accepts the connection's streams, one task each, until it ends or the server drains.
-async fn streams(connection: Connection, peer: Arc<Peer>, shared: Arc<Shared>) {
+/// Accepts the connection's streams, one task each, until it ends, the server drains, or the
+/// client certificate is revoked.
+async fn streams(
+    connection: Connection,
+    peer: Arc<Peer>,
+    tracked: tls::Tracked,
+    shared: Arc<Shared>,
+) {
     tracing::debug!("QUIC connection established");
     let tasks = TaskTracker::new();
     let subscriptions = Arc::new(Semaphore::new(
@@ -271,6 +292,11 @@ async fn streams(connection: Connection, peer: Arc<Peer>, shared: Arc<Shared>) {
     loop {
         let (send, recv) = tokio::select! {
             biased;
+            () = tracked.cut().cancelled() => {
+                tracing::info!("client certificate revoked; closing the connection");
+                connection.close(CLOSE_REVOKED.into(), b"client certificate revoked");
+                break;
+            }
             () = shared.shutdown.cancelled() => break,
             accepted = connection.accept_bi() => match accepted {
                 Ok(streams) => streams,
@@ -407,7 +433,8 @@ async fn dispatch(
             ));
         }
         Some(Request::Subscribe(request)) => {
-            let params = requests::subscribe_params(peer.caller(), request)?;
+            let (params, guard) =
+                requests::subscribe_params(peer.caller(&shared.access.acl), request)?;
             let permit = subscriptions.clone().try_acquire_owned().map_err(|_| {
                 metrics::counter!("workerpush_limit_refusals_total", "limit" => "quic_subscriptions")
                     .increment(1);
@@ -421,20 +448,26 @@ async fn dispatch(
             })?;
             let subscription = core.subscribe(params)?;
             tracing::debug!(consumer = %subscription.info().consumer_id, "QUIC subscription");
-            return updates(send, subscription, permit, shared).await;
+            return updates(send, subscription, guard, permit, shared).await;
         }
         Some(Request::Fetch(request)) => {
-            let (worker, version) = requests::fetch_target(&request)?;
+            let (worker, version) =
+                requests::fetch_target(peer.caller(&shared.access.acl), &request)?;
             let bundle = core.fetch(&worker, version.as_ref()).await?;
             return chunks(send, &bundle).await;
         }
         Some(Request::Register(request)) => {
-            Response::Registered(requests::register(core, peer.caller(), request).await?)
+            let caller = peer.caller(&shared.access.acl);
+            Response::Registered(requests::register(core, caller, request).await?)
         }
         Some(Request::Ack(request)) => {
-            Response::Acked(requests::ack(core, peer.caller(), request).await?)
+            let caller = peer.caller(&shared.access.acl);
+            Response::Acked(requests::ack(core, caller, request).await?)
         }
-        Some(Request::List(request)) => Response::Workers(requests::list(core, &request)?),
+        Some(Request::List(request)) => {
+            let caller = peer.caller(&shared.access.acl);
+            Response::Workers(requests::list(core, caller, &request)?)
+        }
     };
     let frame = codec::encode_frame(&QuicResponse {
         response: Some(response),
@@ -444,10 +477,12 @@ async fn dispatch(
 }
 
 /// Streams a subscription: each write carries every update that is ready (up to a bound),
-/// framed around the bytes the core encoded once for all subscribers.
+/// framed around the bytes the core encoded once for all subscribers. Ends with
+/// PERMISSION_DENIED once the identity's rights change.
 async fn updates(
     send: &mut SendStream,
     mut subscription: Subscription,
+    mut guard: RightsGuard,
     _permit: OwnedSemaphorePermit,
     shared: &Shared,
 ) -> Result<(), StreamEnd> {
@@ -465,6 +500,7 @@ async fn updates(
             stopped = &mut stopped => {
                 return Err(StreamEnd::Gone(format!("subscription stopped by the peer: {stopped:?}")));
             }
+            () = guard.lost() => return Err(RequestError::RightsChanged.into()),
             next = subscription.next() => next,
         };
         let Ok(first) = next else {
@@ -483,6 +519,11 @@ async fn updates(
             bytes += update.0.len();
             batch.extend(codec::update_frame(&update, &mut headers));
             count += 1;
+        }
+        // Checked after taking the batch: an update published after an ACL reload is never
+        // sent under the old rights.
+        if !guard.holds() {
+            return Err(RequestError::RightsChanged.into());
         }
         send.write_all_chunks(&mut batch).await?;
         batch.clear();

@@ -70,6 +70,7 @@ impl TestServer {
             socket,
             server_tls.quic_config(),
             core.clone(),
+            crate::requests::Access::allow_all(),
             limits,
             shutdown.clone(),
         ));

@@ -320,6 +320,53 @@ async fn reload_swaps_client_ca_and_server_certificate_in_configs_already_handed
 }
 
 #[tokio::test]
+async fn crl_reload_refuses_revoked_clients_and_cuts_their_live_connections() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_to(dir.path()).unwrap();
+    let crl = dir.path().join("crl.pem");
+    std::fs::write(&crl, pki.crl(&[], 1)).unwrap();
+    let tls = ServerTls::load_with_crl(dir.path(), Some(&crl)).unwrap();
+    assert!(tls.files().contains(&crl));
+    let revoked = pki.client("revoked");
+    let kept = pki.client("kept");
+    let revoked_client = grpc_client(&pki, revoked.clone());
+    assert_accepted(tls.grpc_config(), revoked_client.clone()).await;
+    let resumed = assert_accepted(tls.grpc_config(), revoked_client.clone()).await;
+    assert_eq!(resumed.kind, Some(HandshakeKind::Resumed));
+
+    let leaf = |pem: &str| certs_from_pem(pem.as_bytes(), "leaf").unwrap();
+    let connections = tls.connections();
+    let revoked_live = connections.track(&leaf(&revoked.0));
+    let kept_live = connections.track(&leaf(&kept.0));
+    assert_eq!(connections.len(), 2);
+
+    std::fs::write(&crl, pki.crl(&[&revoked.0], 2)).unwrap();
+    assert_eq!(tls.reload().unwrap().revoked_connections, 1);
+    assert!(revoked_live.cut().is_cancelled());
+    assert!(!kept_live.cut().is_cancelled());
+    // Neither a resumed session nor a full handshake gets past the revocation.
+    assert_refused(
+        tls.grpc_config(),
+        revoked_client,
+        "invalid peer certificate",
+    )
+    .await;
+    assert_refused(
+        tls.grpc_config(),
+        grpc_client(&pki, revoked),
+        "invalid peer certificate",
+    )
+    .await;
+    assert_accepted(tls.grpc_config(), grpc_client(&pki, kept)).await;
+    drop(revoked_live);
+    assert_eq!(connections.len(), 1);
+
+    std::fs::write(&crl, "no CRL here").unwrap();
+    assert!(matches!(tls.reload(), Err(TlsError::NoCrl { .. })));
+}
+
+#[tokio::test]
 async fn failed_reload_keeps_serving_the_old_material() {
     let pki = TestPki::new();
     let (dir, tls) = loaded(&pki);

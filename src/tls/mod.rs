@@ -7,11 +7,13 @@
 //!
 //! Layout:
 //! - [`pki`] — `workerpush certs` / `serve --dev` certificate generation; [`TestPki`] for tests.
-//! - [`server`] — [`ServerTls`], reloadable server certificate and client CA.
+//! - [`server`] — [`ServerTls`], reloadable server certificate, client CA and CRLs.
+//! - [`connections`] — [`LiveConnections`], cut when their client certificate is revoked.
 //! - [`client`] — [`client_config`] for `workerpush watch` and tests.
 //! - [`identity`] — [`identity_of`].
 
 pub mod client;
+pub mod connections;
 pub mod identity;
 pub mod pki;
 pub mod server;
@@ -26,9 +28,10 @@ use std::sync::Arc;
 use rustls::crypto::{CryptoProvider, ring};
 
 pub use client::{ClientTlsPurpose, client_config, client_config_from_pem};
+pub use connections::{LiveConnections, Tracked};
 pub use identity::identity_of;
-pub use pki::{PkiReport, PkiRequest, ensure_dev, generate};
-pub use server::ServerTls;
+pub use pki::{PkiReport, PkiRequest, ensure_dev, generate, revocation_list};
+pub use server::{Reloaded, ServerTls};
 pub use test_pki::TestPki;
 
 /// ALPN protocol of our QUIC transport; a QUIC peer that does not offer it is refused.
@@ -61,6 +64,12 @@ pub enum TlsError {
         what: String,
         /// The underlying error.
         source: rustls_pki_types::pem::Error,
+    },
+    /// A CRL file holds no `X509 CRL` PEM block.
+    #[error("{what}: no certificate revocation list found")]
+    NoCrl {
+        /// Which file.
+        what: String,
     },
     /// A PEM file (or buffer) holds no certificate.
     #[error("{what}: no certificate found")]

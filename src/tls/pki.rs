@@ -263,6 +263,47 @@ pub(super) fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(
     fs::rename(&tmp, path).map_err(io_err)
 }
 
+/// How long a CRL made by [`revocation_list`] says it is current.
+const CRL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A CRL (PEM) signed by the CA `ca_cert_pem` with `ca_key_pem`, revoking the certificates in
+/// `revoked` (one PEM each, issued by that CA). `number` is the CRL number: give each new CRL
+/// of a CA a higher one. It is current from an hour ago for 30 days (the server uses it
+/// after that too).
+pub fn revocation_list(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    revoked: &[&str],
+    number: u64,
+) -> Result<String, TlsError> {
+    let key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, key)?;
+    let now = SystemTime::now();
+    let revoked_certs = revoked
+        .iter()
+        .map(|pem| {
+            let der = super::certs_from_pem(pem.as_bytes(), "revoked certificate")?;
+            let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref())
+                .map_err(|e| TlsError::InvalidCertificate(e.to_string()))?;
+            Ok(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+                revocation_time: now.into(),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, TlsError>>()?;
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: (now - BACKDATE).into(),
+        next_update: (now + CRL_LIFETIME).into(),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer)?.pem()?)
+}
+
 /// A new self-signed CA: its certificate PEM and the issuer that signs with its key.
 pub(super) fn new_ca() -> Result<(String, Issuer<'static, KeyPair>), TlsError> {
     let key = new_key()?;

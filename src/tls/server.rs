@@ -2,8 +2,9 @@
 //! from the certs directory and reloadable in place.
 //!
 //! Both configurations hold the same swappable certificate resolver and client verifier, so a
-//! [`ServerTls::reload`] reaches listeners that were handed their config long before. Knows
-//! nothing of tonic or quinn.
+//! [`ServerTls::reload`] reaches listeners that were handed their config long before. A reload
+//! also re-reads the optional CRL file and cuts the [`LiveConnections`] whose client
+//! certificate it now revokes. Knows nothing of tonic or quinn.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -18,11 +19,12 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
-    SupportedProtocolVersion,
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme, SupportedProtocolVersion,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 
+use super::connections::LiveConnections;
 use super::pki::{CA_CERT, SERVER_CERT, SERVER_KEY};
 use super::{
     GRPC_ALPN, QUIC_ALPN, TLS12_AND_13, TLS13_ONLY, TlsError, certs_from_pem, crypto_provider,
@@ -36,10 +38,13 @@ const SESSION_CACHE_SIZE: usize = 1024;
 ///
 /// Loaded from a certs directory: `ca.pem` (the client CA bundle), `server.pem` (leaf first,
 /// then intermediates) and `server-key.pem`. Every client must present a certificate chaining
-/// to the client CA, with the ClientAuth EKU.
+/// to the client CA, with the ClientAuth EKU, and not be revoked by the CRL file if one is
+/// given.
 #[derive(Debug)]
 pub struct ServerTls {
     dir: PathBuf,
+    crl_file: Option<PathBuf>,
+    connections: Arc<LiveConnections>,
     provider: Arc<CryptoProvider>,
     cert: Arc<ReloadableCert>,
     verifier: Arc<ReloadableClientVerifier>,
@@ -52,8 +57,13 @@ pub struct ServerTls {
 impl ServerTls {
     /// Reads `certs_dir` and builds both configurations.
     pub fn load(certs_dir: &Path) -> Result<Self, TlsError> {
+        Self::load_with_crl(certs_dir, None)
+    }
+
+    /// [`Self::load`], refusing client certificates revoked by the PEM CRLs in `crl_file`.
+    pub fn load_with_crl(certs_dir: &Path, crl_file: Option<&Path>) -> Result<Self, TlsError> {
         let provider = crypto_provider();
-        let material = Material::read(certs_dir, &provider)?;
+        let material = Material::read(certs_dir, crl_file, &provider)?;
         let cert = Arc::new(ReloadableCert(Swap::new(material.certified_key)));
         let verifier = Arc::new(ReloadableClientVerifier(Swap::new(material.verifier)));
 
@@ -70,6 +80,8 @@ impl ServerTls {
 
         Ok(Self {
             dir: certs_dir.to_path_buf(),
+            crl_file: crl_file.map(Path::to_path_buf),
+            connections: LiveConnections::new(),
             provider,
             cert,
             verifier,
@@ -114,22 +126,64 @@ impl ServerTls {
         &self.dir
     }
 
-    /// Re-reads the certs directory and swaps in the new server certificate and client CA.
+    /// The files a reload reads: the client CA bundle, the server certificate and key, and the
+    /// CRL file if any. Watch these to reload on change.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![
+            self.dir.join(CA_CERT),
+            self.dir.join(SERVER_CERT),
+            self.dir.join(SERVER_KEY),
+        ];
+        files.extend(self.crl_file.clone());
+        files
+    }
+
+    /// The live connections of both transports; each transport tracks its connections here so
+    /// that [`Self::reload`] can cut the revoked ones.
+    pub fn connections(&self) -> Arc<LiveConnections> {
+        self.connections.clone()
+    }
+
+    /// Re-reads the certs directory (and the CRL file) and swaps in the new server
+    /// certificate, client CA and CRLs.
     ///
-    /// Configurations handed out earlier see the new material on their next handshake;
-    /// established connections are not touched. Resumption state is dropped too: rustls does
-    /// not re-verify the client certificate of a resumed session, so a ticket issued under the
-    /// old CA must not outlive it. On error the old material stays in place.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let material = Material::read(&self.dir, &self.provider)?;
+    /// Configurations handed out earlier see the new material on their next handshake.
+    /// Established connections stay, except those whose client certificate the new CRLs
+    /// revoke: they are cut (see [`LiveConnections`]). Resumption state is dropped too: rustls
+    /// does not re-verify the client certificate of a resumed session, so a ticket issued
+    /// under the old CA or before a revocation must not outlive it. On error the old material
+    /// stays in place and nothing is cut.
+    pub fn reload(&self) -> Result<Reloaded, TlsError> {
+        let material = Material::read(&self.dir, self.crl_file.as_deref(), &self.provider)?;
         let grpc_resumption = Resumption::fresh()?;
         let quic_resumption = Resumption::fresh()?;
         self.verifier.0.replace(material.verifier);
         self.cert.0.replace(material.certified_key);
         self.grpc_resumption.replace(grpc_resumption);
         self.quic_resumption.replace(quic_resumption);
-        Ok(())
+        let verifier = self.verifier.0.current();
+        let revoked_connections = self.connections.cut_where(|chain| {
+            let Some((leaf, intermediates)) = chain.split_first() else {
+                return false;
+            };
+            // Only revocation cuts a live connection; a CA dropped from the bundle or an
+            // expiry affects new handshakes only.
+            matches!(
+                verifier.verify_client_cert(leaf, intermediates, UnixTime::now()),
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            )
+        });
+        Ok(Reloaded {
+            revoked_connections,
+        })
     }
+}
+
+/// What a [`ServerTls::reload`] did besides swapping the material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Live connections cut because their client certificate is now revoked.
+    pub revoked_connections: usize,
 }
 
 /// What one read of the certs directory yields, validated as a whole before anything swaps.
@@ -139,15 +193,27 @@ struct Material {
 }
 
 impl Material {
-    fn read(dir: &Path, provider: &Arc<CryptoProvider>) -> Result<Self, TlsError> {
+    fn read(
+        dir: &Path,
+        crl_file: Option<&Path>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
         let ca_path = dir.join(CA_CERT);
         let mut roots = RootCertStore::empty();
         for ca in certs_from_pem(&read_file(&ca_path)?, &ca_path.display().to_string())? {
             roots.add(ca)?;
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()?;
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        if let Some(crl_file) = crl_file {
+            // Leaves only (our CAs sign leaves directly), and a CA without a CRL in the file
+            // is not a reason to refuse its clients.
+            verifier = verifier
+                .with_crls(crls_from_pem(crl_file)?)
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
+        let verifier = verifier.build()?;
 
         let cert_path = dir.join(SERVER_CERT);
         let key_path = dir.join(SERVER_KEY);
@@ -160,6 +226,22 @@ impl Material {
             verifier,
         })
     }
+}
+
+/// Every CRL in a PEM file; at least one.
+fn crls_from_pem(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let what = path.display().to_string();
+    let crls = CertificateRevocationListDer::pem_slice_iter(&read_file(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: what.clone(),
+            source,
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::NoCrl { what });
+    }
+    Ok(crls)
 }
 
 /// An `Arc` that readers clone and a reload replaces.

@@ -66,11 +66,28 @@ impl TestPki {
         &self.server_key_pem
     }
 
+    /// Another valid server certificate from this CA (a rotation): `(cert_pem, key_pem)`.
+    pub fn another_server(&self) -> (String, String) {
+        let server = pki::server_params(&[]).expect("server profile");
+        pki::issue(server, &self.issuer).expect("issue test server certificate")
+    }
+
     /// A valid client certificate for `name` (CN and SPIFFE URI SAN): `(cert_pem, key_pem)`.
     /// Panics if `name` is not a valid client name.
     pub fn client(&self, name: &str) -> (String, String) {
         let params = pki::client_params(name).expect("valid client name");
         pki::issue(params, &self.issuer).expect("issue test client certificate")
+    }
+
+    /// A CRL (PEM) of this CA revoking `revoked` (client certificate PEMs it issued).
+    pub fn crl(&self, revoked: &[&str], number: u64) -> String {
+        pki::revocation_list(
+            &self.ca_cert_pem,
+            &self.issuer.key().serialize_pem(),
+            revoked,
+            number,
+        )
+        .expect("sign test CRL")
     }
 
     /// Invalid: a well-formed client certificate for `name` signed by an unrelated CA.
