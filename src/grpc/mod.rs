@@ -111,6 +111,17 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
+        // One span per call, carrying its connection's peer: what a connection did can be
+        // followed (and filtered with RUST_LOG) by remote address or identity.
+        .trace_fn(|request| {
+            let peer = request.extensions().get::<PeerInfo>();
+            tracing::info_span!(
+                "grpc",
+                remote = peer.map(|p| tracing::field::display(p.remote)),
+                identity = peer.map(|p| tracing::field::display(&p.identity)),
+                method = %request.uri().path(),
+            )
+        })
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
