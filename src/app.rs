@@ -18,7 +18,9 @@ use crate::{
     core::{Core, CoreConfig},
     grpc::{self, GrpcLimits},
     http,
+    http::limits::{self, BodyBudget, RateLimit, RateLimiter},
     quic::{self, QuicLimits},
+    quota::IdentityLimits,
     requests::Access,
     store::{FileStore, RedisConfig, RedisStore, Store, StoreError},
     tls::{self, ServerTls, TlsError},
@@ -234,9 +236,24 @@ async fn start_core(
         "workerpush: http listening on {http_addr} (hook, health, metrics, admin, status page)"
     );
 
+    let per_identity = IdentityLimits {
+        max_connections: args.max_connections_per_identity,
+        max_streams: args.max_streams_per_identity,
+    };
     let limits = GrpcLimits {
         max_streams: args.grpc_max_streams.max(1),
+        handshake: grpc::HandshakeLimits {
+            timeout: args.handshake_timeout,
+            concurrent: args.max_concurrent_handshakes,
+        },
+        per_identity,
         ..GrpcLimits::default()
+    };
+    let quic_limits = QuicLimits {
+        max_handshakes: args.max_concurrent_handshakes,
+        handshake_timeout: args.handshake_timeout,
+        per_identity,
+        ..QuicLimits::default()
     };
     let grpc_tls = server_tls.grpc_config();
     let grpc_core = core.clone();
@@ -267,7 +284,7 @@ async fn start_core(
             quic_tls,
             quic_core,
             quic_access,
-            QuicLimits::default(),
+            quic_limits,
             quic_accept,
         )
         .await
@@ -277,14 +294,23 @@ async fn start_core(
     });
 
     let router = http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes()))
-        .merge(http::admin::router(core.clone(), admin_token))
-        .merge(metrics_router(
-            &servers.hook.accept,
-            &mut servers.hook.tasks,
-        ));
+        .merge(http::admin::router(core.clone(), admin_token));
+    let largest_body = args.max_code_bytes + http::hook::FORM_OVERHEAD_BYTES;
+    let router = http_limits(
+        router,
+        ("hook_rate", "hook_body_budget"),
+        &args.common,
+        largest_body,
+    )
+    .merge(metrics_router(
+        &servers.hook.accept,
+        &mut servers.hook.tasks,
+    ));
     let http_accept = servers.hook.accept.clone();
+    let serve_config = http_serve_config(&args.common);
     servers.hook.tasks.spawn(async move {
-        if let Err(error) = http::serve(http_listener, router, http_accept).await {
+        if let Err(error) = http::serve_with(http_listener, router, http_accept, serve_config).await
+        {
             tracing::error!(%error, "hook server failed");
         }
     });
@@ -323,16 +349,59 @@ async fn start_upload(
     );
     config.max_upload_bytes = max_upload_bytes;
     let router = http::upload::router(config).map_err(|e| AppError::Config(e.to_string()))?;
+    let largest_body = max_upload_bytes + http::hook::FORM_OVERHEAD_BYTES;
+    let router = http_limits(
+        router,
+        ("upload_rate", "upload_body_budget"),
+        common,
+        largest_body,
+    );
     let listener = bind_tcp(common.bind, port).await?;
     let addr = listener.local_addr()?;
     println!("workerpush: upload listening on {addr}");
     let accept = servers.uploads.accept.clone();
+    let serve_config = http_serve_config(common);
     servers.uploads.tasks.spawn(async move {
-        if let Err(error) = http::serve(listener, router, accept).await {
+        if let Err(error) = http::serve_with(listener, router, accept, serve_config).await {
             tracing::error!(%error, "upload server failed");
         }
     });
     Ok(addr)
+}
+
+/// The HTTP timeouts from the flags.
+fn http_serve_config(common: &CommonArgs) -> http::ServeConfig {
+    let defaults = http::ServeConfig::default();
+    http::ServeConfig {
+        header_read_timeout: common.http_header_timeout,
+        body_idle_timeout: common.http_body_timeout,
+        body_deadline: common.http_body_deadline,
+        // A handler must be able to read the whole body first.
+        request_timeout: defaults
+            .request_timeout
+            .max(common.http_body_deadline + Duration::from_secs(30)),
+        ..defaults
+    }
+}
+
+/// `router` behind the abuse limits of the flags: the rate limit of changes (outermost, the
+/// cheapest refusal), then the budget of body bytes in flight; `(rate, budget)` name them in
+/// `workerpush_limit_refusals_total`.
+fn http_limits(
+    router: axum::Router,
+    (rate, budget): (&'static str, &'static str),
+    common: &CommonArgs,
+    largest_body: u64,
+) -> axum::Router {
+    let budget = BodyBudget::new(budget, common.http_body_budget, largest_body);
+    let limiter = RateLimiter::new(
+        rate,
+        RateLimit {
+            per_second: common.rate_limit_per_second,
+            burst: common.rate_limit_burst,
+        },
+    );
+    limits::with_rate_limit(limits::with_body_budget(router, budget), limiter)
 }
 
 /// Waits for `shutdown`, then drains within `grace`, in order:

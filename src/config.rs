@@ -100,6 +100,20 @@ pub struct CoreArgs {
     /// reloaded (SIGHUP reloads at once); 0 checks only on SIGHUP.
     #[arg(long, env = "CERTS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub certs_reload_interval: Duration,
+    /// A TLS (gRPC) or QUIC handshake not done within this is dropped; a gRPC connection
+    /// also has this long after it to send the HTTP/2 preface.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once, per transport: more TCP connections wait in the
+    /// backlog, more QUIC connections are refused.
+    #[arg(long, env = "MAX_CONCURRENT_HANDSHAKES", default_value_t = 256, value_parser = at_least_one)]
+    pub max_concurrent_handshakes: usize,
+    /// Connections one client identity may hold at once, per transport.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IDENTITY", default_value_t = 64, value_parser = at_least_one)]
+    pub max_connections_per_identity: usize,
+    /// Streams (subscriptions and fetches) one client identity may hold at once, per transport.
+    #[arg(long, env = "MAX_STREAMS_PER_IDENTITY", default_value_t = 512, value_parser = at_least_one)]
+    pub max_streams_per_identity: usize,
 }
 
 /// Settings every server role takes.
@@ -117,6 +131,26 @@ pub struct CommonArgs {
     /// How long a shutdown may take before remaining work is cut off.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
+    /// HTTP: time a client has for a request head, and a new connection for its first request.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// HTTP: longest pause between two pieces of a request body (408 after it).
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
+    /// HTTP: longest time for a whole request body, however it trickles in (408 after it).
+    #[arg(long, env = "HTTP_BODY_DEADLINE", default_value = "300s", value_parser = parse_duration)]
+    pub http_body_deadline: Duration,
+    /// HTTP: request-body bytes one server holds in memory at once (each request reserves
+    /// its `Content-Length`, or the largest body when unknown). Past it: 503 + `Retry-After`.
+    #[arg(long, env = "HTTP_BODY_BUDGET", default_value_t = 128 << 20)]
+    pub http_body_budget: u64,
+    /// Uploads, deletes and hook calls per second, per source address and per bearer token
+    /// (0: no rate limit). Past it: 429 with `Retry-After`.
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", default_value_t = 100.0, value_parser = parse_rate)]
+    pub rate_limit_per_second: f64,
+    /// Requests a source address or token may make at once after a pause.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
 }
 
 /// `workerpush upload`.
@@ -203,6 +237,25 @@ pub struct CertsArgs {
     /// Replace an existing CA (and everything it signed).
     #[arg(long)]
     pub force: bool,
+}
+
+/// A count that must be at least 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
+/// A rate per second: finite and not negative.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate >= 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate (a number ≥ 0; 0 turns it off)"
+        )),
+    }
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h` (or plain seconds).

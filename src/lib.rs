@@ -10,6 +10,7 @@
 //!   verifier and identity extractor shared by gRPC and QUIC.
 //! - [`requests`]: the contract's requests mapped onto the core (validation, identity rules),
 //!   shared by both transports.
+//! - [`quota`]: per-identity connection and stream quotas, shared by both transports.
 //! - [`grpc`]: the mutual-TLS gRPC server over the core.
 //! - [`quic`]: the mutual-TLS QUIC server over the core, and its pure framing codec.
 //! - [`http`]: the signed hook and admin endpoints of the core, and the upload server.
@@ -27,6 +28,7 @@ pub mod grpc;
 pub mod http;
 pub mod pb;
 pub mod quic;
+pub mod quota;
 pub mod requests;
 pub mod store;
 pub mod tls;

@@ -1,8 +1,14 @@
 //! Accepts TCP connections and completes the mutual-TLS handshake before tonic sees them, so
 //! that every connection carries its verified identity ([`PeerInfo`]) and slow or hostile
-//! handshakes are bounded in time and number. Each connection is tracked in
-//! [`tls::LiveConnections`] and fails its next read or write once its client certificate is
-//! revoked, which makes hyper drop it with every stream on it.
+//! handshakes are bounded in time and number.
+//!
+//! After the handshake, a connection has one more handshake timeout to send the HTTP/2
+//! preface (hyper has no such deadline of its own), and a connection past its identity's
+//! connection quota is marked refused: the service answers RESOURCE_EXHAUSTED to its calls,
+//! and it is closed one handshake timeout later, so refused connections cannot pile up.
+//!
+//! Each connection is tracked in [`tls::LiveConnections`] and fails its next read or write
+//! once its client certificate is revoked, which makes hyper drop it with every stream on it.
 
 use std::{
     future::Future,
@@ -18,13 +24,20 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, mpsc},
+    time::Sleep,
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
-use crate::tls;
+use crate::{
+    quota::{IdentityQuota, QuotaExceeded, QuotaPermit},
+    tls,
+};
+
+/// Length of the HTTP/2 client preface, `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_PREFACE_LEN: usize = 24;
 
 /// Who is at the other end of a connection, verified by the handshake.
 #[derive(Clone, Debug)]
@@ -33,12 +46,21 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The certificate identity (SPIFFE consumer id or CN).
     pub identity: Arc<str>,
+    /// Set when the identity is over its connection quota: every call is refused with this.
+    pub refused: Option<QuotaExceeded>,
 }
 
 /// A TLS connection with its peer's identity, as tonic's incoming stream wants it.
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Reads fail once this fires: set until the HTTP/2 preface is in, and for good on a
+    /// refused connection.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Preface bytes still to come.
+    preface_left: usize,
+    /// This connection counted against its identity's quota (none when refused).
+    _quota: Option<QuotaPermit>,
     /// Registered while the connection lives.
     _tracked: tls::Tracked,
     /// Ready once the client certificate is revoked.
@@ -72,9 +94,29 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         // hyper keeps a read pending for the life of the connection, so a revocation wakes it.
-        self.still_trusted(cx)?;
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        this.still_trusted(cx)?;
+        if let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            let why = if this.peer.refused.is_some() {
+                "refused connection closed"
+            } else {
+                "no HTTP/2 preface within the handshake timeout"
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if this.preface_left > 0 {
+            let got = buf.filled().len() - before;
+            this.preface_left = this.preface_left.saturating_sub(got);
+            if this.preface_left == 0 && this.peer.refused.is_none() {
+                this.deadline = None;
+            }
+        }
+        read
     }
 }
 
@@ -120,12 +162,13 @@ pub struct HandshakeLimits {
 }
 
 /// Accepts on `listener` until `shutdown`, yielding verified connections tracked in
-/// `connections`.
+/// `connections`, each counted against (or refused by) its identity's connection `quota`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     connections: Arc<tls::LiveConnections>,
     limits: HandshakeLimits,
+    quota: Arc<IdentityQuota>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(limits.concurrent.max(1));
@@ -151,6 +194,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let quota = quota.clone();
             let connections = connections.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -178,13 +222,25 @@ pub fn incoming(
                 };
                 let tracked = connections.track(chain);
                 let revoked = Box::pin(tracked.cut().clone().cancelled_owned());
-                let peer = PeerInfo {
-                    remote,
-                    identity: identity.into(),
+                let identity: Arc<str> = identity.into();
+                let (permit, refused) = match quota.connection(&identity) {
+                    Ok(permit) => (Some(permit), None),
+                    Err(exceeded) => {
+                        metrics::counter!("workerpush_limit_refusals_total", "limit" => "grpc_connections_per_identity").increment(1);
+                        tracing::info!(%remote, %identity, %exceeded, "grpc connection refused");
+                        (None, Some(exceeded))
+                    }
                 };
                 let connection = TlsConnection {
                     stream,
-                    peer,
+                    peer: PeerInfo {
+                        remote,
+                        identity,
+                        refused,
+                    },
+                    deadline: Some(Box::pin(tokio::time::sleep(limits.timeout))),
+                    preface_left: H2_PREFACE_LEN,
+                    _quota: permit,
                     _tracked: tracked,
                     revoked,
                 };

@@ -26,7 +26,12 @@ use tonic_health::{
 pub use incoming::{HandshakeLimits, PeerInfo};
 pub use service::ControlPlaneService;
 
-use crate::{core::Core, pb::server::control_plane_server::ControlPlaneServer, requests::Access};
+use crate::{
+    core::Core,
+    pb::server::control_plane_server::ControlPlaneServer,
+    quota::{IdentityLimits, IdentityQuota},
+    requests::Access,
+};
 
 /// Limits of the gRPC server.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +43,10 @@ pub struct GrpcLimits {
     pub max_streams_per_connection: u32,
     /// Handshake bounds.
     pub handshake: HandshakeLimits,
+    /// Connections and streams per client identity: a connection past the quota gets
+    /// RESOURCE_EXHAUSTED on every call and is closed; a stream past it gets
+    /// RESOURCE_EXHAUSTED.
+    pub per_identity: IdentityLimits,
     /// HTTP/2 keep-alive ping interval; the peer must answer within `keepalive_timeout`.
     pub keepalive_interval: Duration,
     /// See `keepalive_interval`.
@@ -53,6 +62,7 @@ impl Default for GrpcLimits {
                 timeout: Duration::from_secs(10),
                 concurrent: 256,
             },
+            per_identity: IdentityLimits::default(),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
         }
@@ -70,14 +80,16 @@ pub async fn serve(
     limits: GrpcLimits,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let quota = IdentityQuota::new(limits.per_identity);
     let incoming = incoming::incoming(
         listener,
         tls,
         access.connections.clone(),
         limits.handshake,
+        quota.clone(),
         shutdown.clone(),
     );
-    let service = ControlPlaneService::new(core, access.acl, limits.max_streams);
+    let service = ControlPlaneService::new(core, access.acl, limits.max_streams).with_quota(quota);
     let health = tonic_health::server::HealthReporter::new();
     health
         .set_serving::<ControlPlaneServer<ControlPlaneService>>()

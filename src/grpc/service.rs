@@ -16,8 +16,12 @@ use crate::{
         ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
         server::control_plane_server::ControlPlane,
     },
+    quota::{IdentityLimits, IdentityQuota, QuotaPermit},
     requests::{self, Caller},
 };
+
+/// What keeps a stream's slots taken: the server-wide one and its identity's.
+type StreamPermit = (OwnedSemaphorePermit, QuotaPermit);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -25,17 +29,26 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct ControlPlaneService {
     core: Arc<Core>,
     acl: Arc<AclStore>,
+    quota: Arc<IdentityQuota>,
     streams: Arc<Semaphore>,
 }
 
 impl ControlPlaneService {
-    /// Serves `core` under `acl`, with at most `max_streams` concurrent streams.
+    /// Serves `core` under `acl`, with at most `max_streams` concurrent streams (and the
+    /// default per-identity quota).
     pub fn new(core: Arc<Core>, acl: Arc<AclStore>, max_streams: usize) -> Self {
         Self {
             core,
             acl,
+            quota: IdentityQuota::new(IdentityLimits::default()),
             streams: Arc::new(Semaphore::new(max_streams)),
         }
+    }
+
+    /// Counts streams per identity in `quota` (shared with the accept loop's connections).
+    pub fn with_quota(mut self, quota: Arc<IdentityQuota>) -> Self {
+        self.quota = quota;
+        self
     }
 
     fn caller<'a>(&'a self, peer: &'a PeerInfo) -> Caller<'a> {
@@ -47,22 +60,35 @@ impl ControlPlaneService {
         }
     }
 
-    fn stream_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.streams.clone().try_acquire_owned().map_err(|_| {
+    fn stream_permit(&self, peer: &PeerInfo) -> Result<StreamPermit, Status> {
+        let own = self.quota.stream(&peer.identity).map_err(|exceeded| {
+            metrics::counter!("workerpush_limit_refusals_total", "limit" => "grpc_streams_per_identity")
+                .increment(1);
+            Status::resource_exhausted(exceeded.to_string())
+        })?;
+        let shared = self.streams.clone().try_acquire_owned().map_err(|_| {
             metrics::counter!("workerpush_limit_refusals_total", "limit" => "grpc_streams")
                 .increment(1);
             Status::resource_exhausted("too many concurrent streams on this server")
-        })
+        })?;
+        Ok((shared, own))
     }
 }
 
-/// The verified identity of the connection a request came on.
+/// The verified identity of the connection a request came on; RESOURCE_EXHAUSTED when that
+/// connection is over its identity's quota.
 fn peer<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
-    request
+    let peer = request
         .extensions()
         .get::<PeerInfo>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
+        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+    match peer.refused {
+        Some(exceeded) => Err(Status::resource_exhausted(format!(
+            "{exceeded}; close other connections first"
+        ))),
+        None => Ok(peer),
+    }
 }
 
 /// The one conversion from core errors to gRPC statuses.
@@ -85,7 +111,7 @@ impl ControlPlane for ControlPlaneService {
         let peer = peer(&request)?;
         let (params, guard) = requests::subscribe_params(self.caller(&peer), request.into_inner())
             .map_err(|e| status(&e))?;
-        let permit = self.stream_permit()?;
+        let permit = self.stream_permit(&peer)?;
         let subscription = self.core.subscribe(params).map_err(|e| status(&e))?;
         tracing::debug!(consumer = %subscription.info().consumer_id, remote = %peer.remote, "grpc subscription");
         let delivered = metrics::counter!("workerpush_deliveries_total", "transport" => "grpc");
@@ -147,7 +173,7 @@ impl ControlPlane for ControlPlaneService {
         let peer = peer(&request)?;
         let (worker, version) = requests::fetch_target(self.caller(&peer), request.get_ref())
             .map_err(|e| status(&e))?;
-        let permit = self.stream_permit()?;
+        let permit = self.stream_permit(&peer)?;
         let bundle = self
             .core
             .fetch(&worker, version.as_ref())

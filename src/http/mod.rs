@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod hook;
+pub mod limits;
 pub mod signing;
 pub mod status_page;
 pub mod upload;
@@ -206,7 +207,8 @@ pub fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// Timeouts of [`serve_with`].
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Time a client has to send the request head (HTTP/1).
+    /// Time a client has to send a request head (HTTP/1), and a new connection its first
+    /// request (either protocol).
     pub header_read_timeout: Duration,
     /// Longest pause between two pieces of a request body.
     pub body_idle_timeout: Duration,
@@ -285,13 +287,17 @@ pub async fn serve_with(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let first_request = limits::FirstRequest::default();
+        let service = TowerToHyperService::new(first_request.mark(app.clone(), remote));
         let builder = builder.clone();
         let shutdown = shutdown.clone();
+        let first_deadline = (first_request, config.header_read_timeout);
         let span = tracing::debug_span!("http_connection", %local, %remote);
         connections.spawn(
-            async move { serve_connection(builder, stream, service, remote, shutdown).await }
-                .instrument(span),
+            async move {
+                serve_connection(builder, stream, service, remote, first_deadline, shutdown).await;
+            }
+            .instrument(span),
         );
     }
     drop(listener);
@@ -311,18 +317,32 @@ pub async fn serve_with(
 async fn serve_connection(
     builder: auto::Builder<TokioExecutor>,
     stream: tokio::net::TcpStream,
-    service: TowerToHyperService<Router>,
+    service: TowerToHyperService<limits::Marked<Router>>,
     remote: SocketAddr,
+    (first_request, within): (limits::FirstRequest, Duration),
     shutdown: CancellationToken,
 ) {
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            // Finish what is in flight; idle keep-alive connections close now.
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let first_deadline = tokio::time::sleep(within);
+    tokio::pin!(first_deadline);
+    let mut waiting_for_first = true;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = &mut first_deadline, if waiting_for_first => {
+                waiting_for_first = false;
+                if !first_request.seen() {
+                    metrics::counter!("workerpush_limit_refusals_total", "limit" => "http_first_request_timeout").increment(1);
+                    tracing::debug!(%remote, ?within, "no request on a new connection; closing it");
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => {
+                // Finish what is in flight; idle keep-alive connections close now.
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
         }
     };
     if let Err(error) = result {

@@ -557,6 +557,7 @@ async fn attempt_once(
 /// Turns the core's answer into ours, or says it is worth retrying.
 async fn judge(answer: reqwest::Response, retry: Retry) -> Result<Response, Transient> {
     let status = answer.status();
+    let retry_after = answer.headers().get(header::RETRY_AFTER).cloned();
     let body = match read_capped(answer).await {
         Ok(body) => body,
         Err(error) if retry == Retry::Idempotent => {
@@ -592,6 +593,17 @@ async fn judge(answer: reqwest::Response, retry: Retry) -> Result<Response, Tran
         }),
         400 | 404 | 409 | 413 => {
             Ok(Refused::new("core_rejected", status, core_message).into_response())
+        }
+        // The core's hook rate limit (it sees this server's aggregate): pass it on.
+        429 => {
+            let mut response =
+                Refused::new("core_rate_limited", status, core_message).into_response();
+            if let Some(retry_after) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after);
+            }
+            Ok(response)
         }
         503 => Err(Transient::Unavailable(core_message)),
         502 | 504 if retry == Retry::Idempotent => Err(Transient::Gateway(core_message)),

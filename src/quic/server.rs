@@ -30,6 +30,7 @@ use crate::{
     acl::{AclStore, RightsGuard},
     core::{Bundle, Coded, Core, Ended, ErrorCode, RequestError, Subscription},
     pb::{QuicRequest, QuicResponse, Status, quic_request::Request, quic_response::Response},
+    quota::{IdentityLimits, IdentityQuota, QuotaPermit},
     requests::{self, Access, Caller},
     tls,
 };
@@ -42,6 +43,9 @@ const CLOSE_DONE: u32 = 0;
 const CLOSE_REFUSED: u32 = 1;
 /// Application close code: the peer's client certificate has been revoked.
 const CLOSE_REVOKED: u32 = 2;
+/// Application close code: the peer's identity holds too many connections already (the
+/// reason says the limit). Like RESOURCE_EXHAUSTED: retry later, with fewer connections.
+pub const CLOSE_RESOURCE_EXHAUSTED: u32 = 3;
 
 /// Subscription streams are sent ahead of fetch streams (priority 0) on a shared connection,
 /// so a large fetch never delays updates.
@@ -65,6 +69,10 @@ pub struct QuicLimits {
     pub max_streams_per_connection: u32,
     /// Subscriptions at once per connection; more get RESOURCE_EXHAUSTED.
     pub max_subscriptions_per_connection: usize,
+    /// Connections and streams (subscriptions and fetches) per client identity: a connection
+    /// past the quota is closed with [`CLOSE_RESOURCE_EXHAUSTED`], a stream past it gets
+    /// RESOURCE_EXHAUSTED.
+    pub per_identity: IdentityLimits,
     /// Keep-alive interval (well inside `idle_timeout`, so idle subscriptions stay up).
     pub keep_alive_interval: Duration,
     /// A connection silent this long is gone.
@@ -83,6 +91,7 @@ impl Default for QuicLimits {
             handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 128,
             max_subscriptions_per_connection: 64,
+            per_identity: IdentityLimits::default(),
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -100,6 +109,8 @@ struct Shared {
     shutdown: CancellationToken,
     /// The drain took too long: close connections now.
     hard_stop: CancellationToken,
+    /// What each identity holds.
+    quota: Arc<IdentityQuota>,
 }
 
 /// Serves QUIC on `socket` (already bound) until `shutdown`.
@@ -125,6 +136,7 @@ pub async fn serve(
         limits,
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
+        quota: IdentityQuota::new(limits.per_identity),
     });
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -195,6 +207,8 @@ fn endpoint(
 struct Peer {
     identity: Arc<str>,
     remote: SocketAddr,
+    /// This connection counted against its identity's quota.
+    _quota: QuotaPermit,
 }
 
 impl Peer {
@@ -233,12 +247,27 @@ async fn connection(
             return refused(&reason);
         }
     };
+    let identity: Arc<str> = identity.into();
+    let quota = match shared.quota.connection(&identity) {
+        Ok(permit) => permit,
+        Err(exceeded) => {
+            metrics::counter!("workerpush_limit_refusals_total", "limit" => "quic_connections_per_identity")
+                .increment(1);
+            tracing::info!(%remote, %identity, %exceeded, "QUIC connection refused");
+            connection.close(
+                CLOSE_RESOURCE_EXHAUSTED.into(),
+                exceeded.to_string().as_bytes(),
+            );
+            return;
+        }
+    };
     let tracked = shared.access.connections.track(&chain);
     drop(chain);
     let span = tracing::info_span!("quic_connection", %remote, %identity);
     let peer = Arc::new(Peer {
-        identity: identity.into(),
+        identity,
         remote,
+        _quota: quota,
     });
     streams(connection, peer, tracked, shared)
         .instrument(span)
@@ -336,6 +365,18 @@ enum StreamEnd {
 }
 
 impl StreamEnd {
+    /// The identity's stream quota is used up.
+    fn over_quota(peer: &Peer, shared: &Shared) -> Result<QuotaPermit, Self> {
+        shared.quota.stream(&peer.identity).map_err(|exceeded| {
+            metrics::counter!("workerpush_limit_refusals_total", "limit" => "quic_streams_per_identity")
+                .increment(1);
+            Self::Refused {
+                code: ErrorCode::ResourceExhausted,
+                message: exceeded.to_string(),
+            }
+        })
+    }
+
     fn invalid(message: impl Into<String>) -> Self {
         metrics::counter!("workerpush_quic_bad_requests_total").increment(1);
         Self::Refused {
@@ -446,13 +487,15 @@ async fn dispatch(
                     ),
                 }
             })?;
+            let own = StreamEnd::over_quota(peer, shared)?;
             let subscription = core.subscribe(params)?;
             tracing::debug!(consumer = %subscription.info().consumer_id, "QUIC subscription");
-            return updates(send, subscription, guard, permit, shared).await;
+            return updates(send, subscription, guard, (permit, own), shared).await;
         }
         Some(Request::Fetch(request)) => {
             let (worker, version) =
                 requests::fetch_target(peer.caller(&shared.access.acl), &request)?;
+            let _own = StreamEnd::over_quota(peer, shared)?;
             let bundle = core.fetch(&worker, version.as_ref()).await?;
             return chunks(send, &bundle).await;
         }
@@ -483,7 +526,7 @@ async fn updates(
     send: &mut SendStream,
     mut subscription: Subscription,
     mut guard: RightsGuard,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, QuotaPermit),
     shared: &Shared,
 ) -> Result<(), StreamEnd> {
     // Fails only on a closed stream; then the first write says so.
