@@ -29,32 +29,13 @@ use workerpush::{
 /// Every wait here is bounded by this, except where the test promises less.
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn next(stream: &mut UpdateStream) -> WorkerUpdate {
-    tokio::time::timeout(WAIT, stream.next())
-        .await
-        .expect("an update in time")
-        .expect("stream open")
-        .expect("no error")
-}
-
 /// The next put or delete, skipping progress markers.
 async fn next_change(stream: &mut UpdateStream) -> WorkerUpdate {
     loop {
-        let update = next(stream).await;
+        let update = next_update(stream).await;
         if update.kind != UpdateKind::Synced as i32 {
             return update;
         }
-    }
-}
-
-async fn until_synced(stream: &mut UpdateStream) -> (Vec<WorkerUpdate>, u64) {
-    let mut updates = Vec::new();
-    loop {
-        let update = next(stream).await;
-        if update.kind == UpdateKind::Synced as i32 {
-            return (updates, update.revision);
-        }
-        updates.push(update);
     }
 }
 

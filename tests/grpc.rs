@@ -9,32 +9,13 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use futures_util::StreamExt;
 use workerpush::{
-    client::{ClientError, UpdateStream},
+    client::ClientError,
     pb::{FetchWorkerRequest, ListWorkersRequest, SubscribeRequest, UpdateKind, WorkerUpdate},
     tls::{self, ClientTlsPurpose, TestPki},
 };
 
-async fn next(stream: &mut UpdateStream) -> WorkerUpdate {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("an update within 10 s")
-        .expect("stream open")
-        .expect("no error")
-}
-
 fn kind(update: &WorkerUpdate) -> UpdateKind {
     UpdateKind::try_from(update.kind).unwrap()
-}
-
-async fn until_synced(stream: &mut UpdateStream) -> (Vec<WorkerUpdate>, u64) {
-    let mut updates = Vec::new();
-    loop {
-        let update = next(stream).await;
-        if kind(&update) == UpdateKind::Synced {
-            return (updates, update.revision);
-        }
-        updates.push(update);
-    }
 }
 
 fn subscribe(workers: &[&str], epoch: &str, resume: u64) -> SubscribeRequest {
@@ -67,9 +48,9 @@ async fn subscribers_get_exactly_their_changes_with_verified_code() {
         assert_eq!(status, 201, "{body}");
     }
     let seen: Vec<_> = [
-        next(&mut all).await,
-        next(&mut all).await,
-        next(&mut all).await,
+        next_update(&mut all).await,
+        next_update(&mut all).await,
+        next_update(&mut all).await,
     ]
     .to_vec();
     assert_eq!(
@@ -86,8 +67,8 @@ async fn subscribers_get_exactly_their_changes_with_verified_code() {
     );
     assert_eq!(seen[2].size, 100_000);
 
-    let a1 = next(&mut only_a).await;
-    let a2 = next(&mut only_a).await;
+    let a1 = next_update(&mut only_a).await;
+    let a2 = next_update(&mut only_a).await;
     assert_eq!((a1.revision, a2.revision), (1, 3));
 
     let (checksum, code) = session

@@ -7,30 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
-use workerpush::{
-    client::UpdateStream,
-    pb::{SubscribeRequest, UpdateKind, WorkerUpdate},
-};
-
-async fn next(stream: &mut UpdateStream) -> WorkerUpdate {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("an update within 10 s")
-        .expect("stream open")
-        .expect("no error")
-}
-
-async fn until_synced(stream: &mut UpdateStream) -> (Vec<WorkerUpdate>, u64) {
-    let mut updates = Vec::new();
-    loop {
-        let update = next(stream).await;
-        if update.kind == UpdateKind::Synced as i32 {
-            return (updates, update.revision);
-        }
-        updates.push(update);
-    }
-}
+use workerpush::pb::{SubscribeRequest, UpdateKind, WorkerUpdate};
 
 fn request(epoch: &str, resume: u64) -> SubscribeRequest {
     SubscribeRequest {
@@ -69,8 +46,8 @@ async fn grpc_and_quic_subscribers_receive_the_same_revisions_and_code() {
     let mut seen_grpc = Vec::new();
     let mut seen_quic = Vec::new();
     for _ in 0..31 {
-        seen_grpc.push(next(&mut over_grpc).await);
-        seen_quic.push(next(&mut over_quic).await);
+        seen_grpc.push(next_update(&mut over_grpc).await);
+        seen_quic.push(next_update(&mut over_quic).await);
     }
     let key = |u: &WorkerUpdate| {
         (

@@ -34,21 +34,7 @@ pub struct Entry {
 impl Entry {
     /// Encodes `change` in `epoch`, with `code` inline if given.
     pub fn new(change: Change, epoch: &Epoch, code: Option<Bytes>) -> Self {
-        let kind = match change.kind {
-            ChangeKind::Put => UpdateKind::Put,
-            ChangeKind::Delete => UpdateKind::Delete,
-        };
-        let update = WorkerUpdate {
-            kind: kind as i32,
-            revision: change.revision,
-            epoch: epoch.to_string(),
-            worker_name: change.worker.to_string(),
-            version: change.version.to_string(),
-            checksum: change.checksum.to_string(),
-            size: i64::try_from(change.size).unwrap_or(i64::MAX),
-            worker_code: code.clone().unwrap_or_default(),
-            timestamp: change.timestamp_ms,
-        };
+        let update = update_of(&change, epoch, code.clone().unwrap_or_default());
         Self {
             encoded: EncodedUpdate::encode(&update),
             change,
@@ -58,20 +44,26 @@ impl Entry {
 
     /// The update without its code (listings).
     pub fn summary(&self, epoch: &Epoch) -> WorkerUpdate {
-        WorkerUpdate {
-            kind: match self.change.kind {
-                ChangeKind::Put => UpdateKind::Put,
-                ChangeKind::Delete => UpdateKind::Delete,
-            } as i32,
-            revision: self.change.revision,
-            epoch: epoch.to_string(),
-            worker_name: self.change.worker.to_string(),
-            version: self.change.version.to_string(),
-            checksum: self.change.checksum.to_string(),
-            size: i64::try_from(self.change.size).unwrap_or(i64::MAX),
-            worker_code: Bytes::new(),
-            timestamp: self.change.timestamp_ms,
-        }
+        update_of(&self.change, epoch, Bytes::new())
+    }
+}
+
+/// The `WorkerUpdate` of a change.
+fn update_of(change: &Change, epoch: &Epoch, worker_code: Bytes) -> WorkerUpdate {
+    let kind = match change.kind {
+        ChangeKind::Put => UpdateKind::Put,
+        ChangeKind::Delete => UpdateKind::Delete,
+    };
+    WorkerUpdate {
+        kind: kind as i32,
+        revision: change.revision,
+        epoch: epoch.to_string(),
+        worker_name: change.worker.to_string(),
+        version: change.version.to_string(),
+        checksum: change.checksum.to_string(),
+        size: i64::try_from(change.size).unwrap_or(i64::MAX),
+        worker_code,
+        timestamp: change.timestamp_ms,
     }
 }
 

@@ -509,3 +509,29 @@ pub async fn hook_put_query(
     let json = response.json().await.unwrap_or(serde_json::Value::Null);
     (status, json)
 }
+
+/// The next update of a subscription stream, within 10 s.
+pub async fn next_update(
+    stream: &mut workerpush::client::UpdateStream,
+) -> workerpush::pb::WorkerUpdate {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an update within 10 s")
+        .expect("stream open")
+        .expect("no error")
+}
+
+/// Reads until SYNCED: the updates before it, and its revision.
+pub async fn until_synced(
+    stream: &mut workerpush::client::UpdateStream,
+) -> (Vec<workerpush::pb::WorkerUpdate>, u64) {
+    let mut updates = Vec::new();
+    loop {
+        let update = next_update(stream).await;
+        if update.kind == workerpush::pb::UpdateKind::Synced as i32 {
+            return (updates, update.revision);
+        }
+        updates.push(update);
+    }
+}
