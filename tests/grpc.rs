@@ -7,7 +7,6 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use futures_util::StreamExt;
 use workerpush::{
     client::ClientError,
     pb::{FetchWorkerRequest, ListWorkersRequest, SubscribeRequest, UpdateKind, WorkerUpdate},
