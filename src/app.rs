@@ -216,17 +216,17 @@ async fn start_core(
     });
 
     let quic_tls = server_tls.quic_config();
+    // Stable across restarts, so a restarted core can reset its predecessor's connections.
+    let server_key = std::fs::read(args.common.certs_dir.join(tls::pki::SERVER_KEY))?;
+    let quic_limits = QuicLimits {
+        reset_secret: Some(quic::ResetSecret::derive(&server_key)),
+        ..QuicLimits::default()
+    };
     let quic_core = core.clone();
     let quic_accept = accept.clone();
     tasks.spawn(async move {
-        if let Err(error) = quic::serve(
-            quic_socket,
-            quic_tls,
-            quic_core,
-            QuicLimits::default(),
-            quic_accept,
-        )
-        .await
+        if let Err(error) =
+            quic::serve(quic_socket, quic_tls, quic_core, quic_limits, quic_accept).await
         {
             tracing::error!(%error, "quic server failed");
         }

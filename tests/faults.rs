@@ -60,3 +60,96 @@ async fn consumers_that_stop_reading_catch_up_or_reset_and_converge() {
 async fn a_reconnect_storm_of_every_consumer_at_once_converges() {
     run(Scenario::reconnect_storm()).await;
 }
+
+/// After `kill -9` and a restart on the same port, a QUIC consumer's old connection is dead,
+/// but nothing tells it so (UDP has no RST) unless the new process answers its next packet
+/// with a stateless reset the client believes. Without that (before the fix: another reset
+/// key, and packets with the old connection IDs dropped unanswered) the consumer waited out
+/// the 30 s idle timeout and the backoff: 30–40 s. Now it learns at its next packet, at the
+/// latest its keep-alive (10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_consumer_notices_a_core_restarted_after_kill_9_at_its_next_keep_alive() {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+    use workerpush::{
+        client::{Consumer, ConsumerOptions, QuicTransport},
+        faults::{
+            process::CoreProcess,
+            publish::{Action, HookClient, Publisher, Step},
+            record::{self, Pause, Recorder, SharedLog},
+        },
+        tls::{self, ClientTlsPurpose},
+    };
+
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_workerpush"));
+    let mut core = CoreProcess::start(&bin, dir.path(), &[]).await.unwrap();
+    let certs = core.certs();
+    tls::install_crypto_provider();
+    let quic_tls = tls::client_config(
+        &certs.join("ca.pem"),
+        &certs.join("clients/consumer-1.pem"),
+        &certs.join("clients/consumer-1-key.pem"),
+        ClientTlsPurpose::Quic,
+    )
+    .unwrap();
+    let transport =
+        QuicTransport::new(&format!("127.0.0.1:{}", core.addrs().quic.port()), quic_tls).unwrap();
+    let log = SharedLog::default();
+    let mut recorder = Recorder::new(log.clone(), Pause::default());
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut consumer = Consumer::new(transport, ConsumerOptions::default(), None);
+            consumer.run(&mut recorder, stop).await
+        }
+    });
+    let held = |revision: u64| {
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while record::lock(&log)
+                .position
+                .as_ref()
+                .is_none_or(|p| p.revision < revision)
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "never held revision {revision}: {:?}",
+                    record::lock(&log).events
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    held(0).await;
+
+    core.kill9().await;
+    core.restart().await.unwrap();
+    let restarted = Instant::now();
+    let publisher = Publisher::new(
+        HookClient::new(core.addrs().http, &core.hook_secret().unwrap()).unwrap(),
+        Duration::from_secs(30),
+    );
+    let step = Step {
+        worker: "after-restart".into(),
+        action: Action::Put {
+            version: "1".into(),
+            code: bytes::Bytes::from_static(b"export default {}"),
+        },
+    };
+    let revision = publisher.apply(1, &step).await.unwrap().revision;
+    held(revision).await;
+    let took = restarted.elapsed();
+    println!("QUIC consumer held the first change after the restart {took:.2?} later");
+    stop.cancel();
+    consumer.await.unwrap().unwrap();
+    assert!(
+        took < Duration::from_secs(15),
+        "the QUIC consumer took {took:?} to notice the restart"
+    );
+}

@@ -17,7 +17,7 @@ use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    QuicLimits,
+    QuicLimits, ResetSecret,
     codec::{MAX_FRAME_BYTES, encode_frame},
     frames::FrameReader,
     serve,
@@ -929,4 +929,12 @@ async fn a_subscriber_on_a_lossy_link_ends_with_exactly_the_core_state() {
     );
     assert!(down.dropped > 0, "the link lost datagrams");
     assert_eq!(collector.workers, expected);
+}
+
+#[test]
+fn the_reset_secret_is_stable_per_key_and_never_printed() {
+    let secret = ResetSecret::derive(b"server key one");
+    assert_eq!(secret, ResetSecret::derive(b"server key one"));
+    assert_ne!(secret, ResetSecret::derive(b"server key two"));
+    assert_eq!(format!("{secret:?}"), "ResetSecret(..)");
 }
