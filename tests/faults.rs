@@ -7,11 +7,20 @@
 //! machine and their timings mean something.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
-use workerpush::faults::{
-    scenario::{self, Scenario, Setup},
-    seed_from_env,
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use workerpush::{
+    client::{Consumer, ConsumerOptions, QuicTransport},
+    faults::{
+        process::CoreProcess,
+        publish::{Action, HookClient, Publisher, Step},
+        record::{self, Pause, Recorder, SharedLog},
+        scenario::{self, Scenario, Setup},
+        seed_from_env,
+    },
+    tls::{self, ClientTlsPurpose},
 };
 
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -69,20 +78,6 @@ async fn a_reconnect_storm_of_every_consumer_at_once_converges() {
 /// latest its keep-alive (10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_consumer_notices_a_core_restarted_after_kill_9_at_its_next_keep_alive() {
-    use std::time::Duration;
-
-    use tokio::time::Instant;
-    use tokio_util::sync::CancellationToken;
-    use workerpush::{
-        client::{Consumer, ConsumerOptions, QuicTransport},
-        faults::{
-            process::CoreProcess,
-            publish::{Action, HookClient, Publisher, Step},
-            record::{self, Pause, Recorder, SharedLog},
-        },
-        tls::{self, ClientTlsPurpose},
-    };
-
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_workerpush"));

@@ -73,7 +73,8 @@ pub struct Listing {
 /// Which workers a consumer asked for (`None`: all).
 pub type Filter = Option<BTreeSet<String>>;
 
-fn passes(filter: &Filter, worker: &str) -> bool {
+/// Whether `worker` passes `filter`.
+pub fn passes(filter: &Filter, worker: &str) -> bool {
     filter.as_ref().is_none_or(|names| names.contains(worker))
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     FaultError,
-    check::{self, ConsumerRecord, Figures, Filter, Kind, Listing},
+    check::{self, ConsumerRecord, Figures, Filter, Kind, Listing, passes},
     process::{CoreAddrs, CoreProcess, RedisProcess, ScratchDir},
     publish::{self, Action, HookClient, Publisher, Step, WorkerLedger},
     record::{self, Pause, Recorder, SharedLog},
@@ -128,37 +128,33 @@ impl Scenario {
             Fault::TcpCuts {
                 mean_lifetime_ms: 400,
             },
-            1_000,
+            800,
         )
     }
 
     /// 20 `kill -9` cycles of the core.
     pub fn core_kill() -> Self {
-        Self::new("core_kill", Fault::CoreKill { cycles: 20 }, 1_200)
+        Self::new("core_kill", Fault::CoreKill { cycles: 20 }, 1_000)
     }
 
     /// Redis killed and restarted mid-run.
     pub fn redis_kill() -> Self {
-        Self::new("redis_kill", Fault::RedisKill { outages: 2 }, 1_000)
+        Self::new("redis_kill", Fault::RedisKill { outages: 2 }, 800)
     }
 
     /// Consumers that stop reading for a while.
     pub fn slow_consumers() -> Self {
         Self {
             retain_changes: 200,
-            ..Self::new("slow_consumers", Fault::SlowConsumers, 1_500)
+            ..Self::new("slow_consumers", Fault::SlowConsumers, 1_200)
         }
     }
 
     /// Every consumer dropped at once, repeatedly.
     pub fn reconnect_storm() -> Self {
         Self {
-            consumers: 20,
-            ..Self::new(
-                "reconnect_storm",
-                Fault::ReconnectStorm { storms: 4 },
-                1_000,
-            )
+            consumers: 16,
+            ..Self::new("reconnect_storm", Fault::ReconnectStorm { storms: 4 }, 800)
         }
     }
 
@@ -1013,8 +1009,4 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
         publish_retries: publisher.retries(),
         faults,
     })
-}
-
-fn passes(filter: &Filter, worker: &str) -> bool {
-    filter.as_ref().is_none_or(|names| names.contains(worker))
 }
