@@ -275,6 +275,12 @@ async fn start_core(
     });
 
     let quic_tls = server_tls.quic_config();
+    // Stable across restarts, so a restarted core can reset its predecessor's connections.
+    let server_key = std::fs::read(args.common.certs_dir.join(tls::pki::SERVER_KEY))?;
+    let quic_limits = QuicLimits {
+        reset_secret: Some(quic::ResetSecret::derive(&server_key)),
+        ..quic_limits
+    };
     let quic_core = core.clone();
     let quic_access = access.clone();
     let quic_accept = servers.streams.accept.clone();

@@ -17,6 +17,8 @@
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
+//! - [`faults`]: test infrastructure — fault-injecting proxies, real processes to kill, a
+//!   recording consumer and the checker of the delivery promises (`tests/faults.rs`).
 #![warn(missing_docs)]
 
 pub mod acl;
@@ -24,6 +26,7 @@ pub mod app;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod faults;
 pub mod grpc;
 pub mod http;
 pub mod pb;

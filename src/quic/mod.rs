@@ -19,7 +19,7 @@ mod tests;
 
 use std::{io, time::Duration};
 
-pub use server::{CLOSE_RESOURCE_EXHAUSTED, QuicLimits, serve};
+pub use server::{CLOSE_RESOURCE_EXHAUSTED, QuicLimits, ResetSecret, serve};
 
 /// Transport settings both sides share: keep-alives well inside the idle timeout, so idle
 /// subscriptions stay up and a vanished peer is noticed, and no unidirectional streams.

@@ -17,7 +17,7 @@ use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    QuicLimits,
+    QuicLimits, ResetSecret,
     codec::{MAX_FRAME_BYTES, encode_frame},
     frames::FrameReader,
     serve,
@@ -28,6 +28,7 @@ use crate::{
         UpdateStream,
     },
     core::{Checksum, Core, CoreConfig, PublishError, Version, WorkerFilter, WorkerName},
+    faults::udp::{LinkProfile, LinkStats, UdpProxy},
     pb::{
         AckRequest, FetchWorkerRequest, ListWorkersRequest, QuicRequest, QuicResponse,
         RegisterRequest, Status, SubscribeRequest, UpdateKind, WorkerChunk, WorkerUpdate,
@@ -796,79 +797,6 @@ async fn core_shutdown_ends_quic_subscriptions_with_unavailable() {
     server.stop().await;
 }
 
-/// One direction of a lossy link: Gilbert–Elliott bursts of loss (~10% overall) and the
-/// occasional datagram held back behind the next one.
-#[derive(Default)]
-struct Link {
-    in_burst: bool,
-    held: Option<Vec<u8>>,
-    passed: u64,
-    dropped: u64,
-    reordered: u64,
-}
-
-impl Link {
-    fn pass(&mut self, rng: &mut StdRng, datagram: &[u8]) -> Vec<Vec<u8>> {
-        self.in_burst = if self.in_burst {
-            !rng.random_bool(0.3)
-        } else {
-            rng.random_bool(0.04)
-        };
-        let loss = if self.in_burst { 0.7 } else { 0.02 };
-        if rng.random_bool(loss) {
-            self.dropped += 1;
-            return Vec::new();
-        }
-        if self.held.is_none() && rng.random_bool(0.05) {
-            self.reordered += 1;
-            self.held = Some(datagram.to_vec());
-            return Vec::new();
-        }
-        self.passed += 1;
-        let mut out = vec![datagram.to_vec()];
-        out.extend(self.held.take());
-        out
-    }
-}
-
-/// A UDP proxy to `server` for one client; returns its address and the links' counts when
-/// `stop` is cancelled.
-async fn lossy_proxy(
-    server: SocketAddr,
-    seed: u64,
-    stop: CancellationToken,
-) -> (SocketAddr, JoinHandle<[Link; 2]>) {
-    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (mut up, mut down) = (Link::default(), Link::default());
-        let mut client = None;
-        let (mut from_client, mut from_server) = (vec![0u8; 65_536], vec![0u8; 65_536]);
-        loop {
-            tokio::select! {
-                received = front.recv_from(&mut from_client) => {
-                    let (len, from) = received.unwrap();
-                    client = Some(from);
-                    for datagram in up.pass(&mut rng, &from_client[..len]) {
-                        let _ = back.send_to(&datagram, server).await;
-                    }
-                }
-                received = back.recv_from(&mut from_server) => {
-                    let (len, _) = received.unwrap();
-                    let Some(client) = client else { continue };
-                    for datagram in down.pass(&mut rng, &from_server[..len]) {
-                        let _ = front.send_to(&datagram, client).await;
-                    }
-                }
-                () = stop.cancelled() => return [up, down],
-            }
-        }
-    });
-    (addr, task)
-}
-
 /// Holds what a consumer applied, and publishes its position.
 struct Collector {
     workers: BTreeMap<String, (String, String)>,
@@ -914,10 +842,12 @@ async fn a_subscriber_on_a_lossy_link_ends_with_exactly_the_core_state() {
     let server = TestServer::start().await;
     let seed = rand::random();
     println!("lossy link seed: {seed}");
-    let stop_proxy = CancellationToken::new();
-    let (proxy, proxy_task) = lossy_proxy(server.addr, seed, stop_proxy.clone()).await;
+    let proxy = UdpProxy::start(server.addr, LinkProfile::BURSTY_10_PERCENT, seed)
+        .await
+        .unwrap();
 
-    let transport = QuicTransport::new(&proxy.to_string(), server.client_tls("edge")).unwrap();
+    let transport =
+        QuicTransport::new(&proxy.addr().to_string(), server.client_tls("edge")).unwrap();
     let options = ConsumerOptions {
         ack: true,
         ..ConsumerOptions::default()
@@ -977,8 +907,7 @@ async fn a_subscriber_on_a_lossy_link_ends_with_exactly_the_core_state() {
     let stopped = started.elapsed();
     stop_consumer.cancel();
     let collector = consumer.await.unwrap();
-    stop_proxy.cancel();
-    let [up, down] = proxy_task.await.unwrap();
+    let LinkStats { up, down } = proxy.stop().await;
 
     let expected: BTreeMap<_, _> = core
         .list(&WorkerFilter::all())
@@ -1001,4 +930,12 @@ async fn a_subscriber_on_a_lossy_link_ends_with_exactly_the_core_state() {
     );
     assert!(down.dropped > 0, "the link lost datagrams");
     assert_eq!(collector.workers, expected);
+}
+
+#[test]
+fn the_reset_secret_is_stable_per_key_and_never_printed() {
+    let secret = ResetSecret::derive(b"server key one");
+    assert_eq!(secret, ResetSecret::derive(b"server key one"));
+    assert_ne!(secret, ResetSecret::derive(b"server key two"));
+    assert_eq!(format!("{secret:?}"), "ResetSecret(..)");
 }
