@@ -31,8 +31,10 @@ use crate::{
 
 /// A connection attempt gives up after this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alives from this side too: NATs and the server's idle timer see traffic.
-const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Keep-alives from this side too: NATs and the server's idle timer see traffic, and a core
+/// restarted after a crash answers the next one with a stateless reset, so this bounds how
+/// long a consumer takes to notice and fail over.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection silent this long is gone (the smaller of both sides' values applies).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest bundle a fetch will buffer.
