@@ -214,6 +214,8 @@ async fn start_core(
             url: url.clone(),
             key_prefix: args.redis_key_prefix.clone(),
             retain: config.retain_changes,
+            connect_timeout: args.redis_connect_timeout,
+            response_timeout: args.redis_response_timeout,
             ..RedisConfig::default()
         })?),
         None => Arc::new(FileStore::open(&args.data_dir, config.retain_changes).await?),

@@ -76,6 +76,13 @@ pub struct CoreArgs {
     /// Prefix of every Redis key (several deployments or tests can share one Redis).
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "workerpush")]
     pub redis_key_prefix: String,
+    /// How long one Redis connection attempt may take.
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_connect_timeout: Duration,
+    /// How long one Redis operation may take, reconnecting included, before the change is
+    /// refused (503) rather than left waiting.
+    #[arg(long, env = "REDIS_RESPONSE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_response_timeout: Duration,
     /// Concurrent gRPC streams (subscriptions and fetches) this core serves.
     #[arg(long, env = "GRPC_MAX_STREAMS", default_value_t = 1000)]
     pub grpc_max_streams: usize,
