@@ -12,9 +12,12 @@
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
+//! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
+//!   transports.
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;
