@@ -41,6 +41,7 @@ const FIELDS: &[&str] = &[
     "core_rss_kib",
     "core_cpu_seconds",
     "bench_rss_per_subscriber_kib",
+    "bench_cpu_seconds",
     "open_file_limit",
     "machine",
 ];

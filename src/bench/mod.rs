@@ -249,6 +249,7 @@ impl Plan {
             core_rss_kib: None,
             core_cpu_seconds: None,
             bench_rss_per_subscriber_kib: None,
+            bench_cpu_seconds: None,
             open_file_limit,
             machine: Machine::this(),
         }
@@ -296,7 +297,9 @@ async fn measure(
     core: Option<u32>,
     open_file_limit: u64,
 ) -> Result<Report, BenchError> {
+    // Samples of the spawned core and of this process.
     let sample_core = || core.and_then(|pid| ProcessSample::of(pid).ok());
+    let sample = || (sample_core(), ProcessSample::own().ok());
     let ledger = Arc::new(Ledger::new(plan.changes, plan.workers));
     let config = Arc::new(FleetConfig {
         transport: (plan.make_transport)(endpoints)?,
@@ -317,7 +320,7 @@ async fn measure(
             .map_err(BenchError::Publish)?;
     }
 
-    let (core_before, bench_before) = (sample_core(), ProcessSample::own().ok());
+    let (core_before, bench_before) = sample();
     let connecting = Instant::now();
     tracing::info!(subscribers = plan.subscribers, "connecting");
     let fleet = Fleet::start(&config, vec![None; plan.subscribers]);
@@ -326,7 +329,7 @@ async fn measure(
         return Err(BenchError::Subscribers(error));
     }
     report.connect_secs = connecting.elapsed().as_secs_f64();
-    let (core_idle, bench_idle) = (sample_core(), ProcessSample::own().ok());
+    let (core_idle, bench_idle) = sample();
     report.rss_per_idle_subscriber_kib = per_subscriber(core_before, core_idle, plan.subscribers);
     report.bench_rss_per_subscriber_kib =
         per_subscriber(bench_before, bench_idle, plan.subscribers);
@@ -336,9 +339,9 @@ async fn measure(
         "every subscriber synced; publishing"
     );
 
-    let (core_start, core_end, tallies, latencies_us, window) = match plan.scenario {
+    let (start, end, tallies, latencies_us, window) = match plan.scenario {
         BenchScenario::Fanout | BenchScenario::Bundle => {
-            let core_start = sample_core();
+            let start = sample();
             let publishing = unix_ns();
             let published = publish_all(publisher, ledger.clone(), plan.pace).await;
             report.publish_secs = published.elapsed.as_secs_f64();
@@ -347,7 +350,7 @@ async fn measure(
                 return Err(error);
             }
             fleet.complete(Instant::now() + plan.deadline).await;
-            let core_end = sample_core();
+            let end = sample();
             let tallies = fleet.stop().await;
             let latencies: Vec<u64> = tallies
                 .iter()
@@ -362,7 +365,7 @@ async fn measure(
             let all_held = Spread::of(&mut all_held);
             report.all_held_p50_us = all_held.map(|s| s.p50);
             report.all_held_max_us = all_held.map(|s| s.max);
-            (core_start, core_end, tallies, latencies, window)
+            (start, end, tallies, latencies, window)
         }
         BenchScenario::Storm => {
             // Every connection goes at once; each subscriber keeps only its position.
@@ -372,19 +375,19 @@ async fn measure(
             report.publish_secs = published.elapsed.as_secs_f64();
             published.check()?;
             tracing::info!("reconnecting every subscriber with resume");
-            let core_start = sample_core();
+            let start = sample();
             let reconnecting = Instant::now();
             let fleet = Fleet::start(&config, positions);
             fleet.complete(reconnecting + plan.deadline).await;
             let window = u64::try_from(reconnecting.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let core_end = sample_core();
+            let end = sample();
             let tallies = fleet.stop().await;
             let resumed: Vec<u64> = tallies
                 .iter()
                 .filter_map(|t| t.completed_after)
                 .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
                 .collect();
-            (core_start, core_end, tallies, resumed, window)
+            (start, end, tallies, resumed, window)
         }
     };
 
@@ -394,7 +397,10 @@ async fn measure(
     if window > 0 {
         report.deliveries_per_sec = report.deliveries as f64 / (window as f64 / 1e9);
     }
-    if let (Some(start), Some(end)) = (core_start, core_end) {
+    if let ((_, Some(start)), (_, Some(end))) = (start, end) {
+        report.bench_cpu_seconds = Some(end.cpu_seconds - start.cpu_seconds);
+    }
+    if let ((Some(start), _), (Some(end), _)) = (start, end) {
         let cpu = end.cpu_seconds - start.cpu_seconds;
         report.core_cpu_seconds = Some(cpu);
         if report.deliveries > 0 {

@@ -100,6 +100,9 @@ pub struct Report {
     pub core_rss_kib: Option<u64>,
     /// Spawned core: CPU seconds of the measured phase.
     pub core_cpu_seconds: Option<f64>,
+    /// This process (subscribers and publisher): CPU seconds of the measured phase. On one
+    /// machine with a spawned core, both compete for the same cores.
+    pub bench_cpu_seconds: Option<f64>,
     /// This process (the subscribers' side): RSS growth per connected subscriber, KiB.
     pub bench_rss_per_subscriber_kib: Option<f64>,
     /// The open-file limit the run had.
@@ -204,8 +207,13 @@ impl Report {
                 cpu * 1e6
             );
         }
-        if let Some(bench) = self.bench_rss_per_subscriber_kib {
-            let _ = writeln!(out, "  bench: {bench:.1} KiB RSS per subscriber connection");
+        if let (Some(rss), Some(cpu)) = (self.bench_rss_per_subscriber_kib, self.bench_cpu_seconds)
+        {
+            let _ = writeln!(
+                out,
+                "  bench: {rss:.1} KiB RSS per subscriber connection, {cpu:.2} CPU seconds (core: {:.2})",
+                self.core_cpu_seconds.unwrap_or(f64::NAN)
+            );
         }
         let _ = write!(
             out,
