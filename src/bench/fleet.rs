@@ -230,7 +230,7 @@ impl Subscriber {
     /// One connection: connect (holding a connect slot until SYNCED), subscribe from the last
     /// position, then take updates until stopped or the stream fails.
     async fn connection(&mut self, stop: &CancellationToken) -> Ended {
-        let slot = tokio::select! {
+        let mut slot: Option<OwnedSemaphorePermit> = tokio::select! {
             permit = self.config.connect_slots.clone().acquire_owned() => permit.ok(),
             () = stop.cancelled() => return Ended::Stopped,
         };
@@ -242,7 +242,6 @@ impl Subscriber {
             Ok(opened) => opened,
             Err(error) => return Ended::Failed(error),
         };
-        let mut slot: Option<OwnedSemaphorePermit> = slot;
         let mut in_snapshot = false;
         loop {
             let item = tokio::select! {
