@@ -232,12 +232,12 @@ pub struct BenchArgs {
     /// Bytes of worker code per change (S) [default: 1024; bundle: 1 MiB].
     #[arg(short = 's', long = "size", env = "BENCH_SIZE")]
     pub size: Option<usize>,
-    /// Open loop: publish this many changes per second regardless of answers. Without it,
-    /// closed loop: as fast as `--in-flight` concurrent requests allow.
+    /// Open loop: publish this many changes per second regardless of answers [bundle default:
+    /// 1, so that each bundle fans out alone]. Without it, closed loop: as fast as
+    /// `--in-flight` concurrent requests allow.
     #[arg(short = 'r', long = "rate", env = "BENCH_RATE")]
     pub rate: Option<f64>,
-    /// Closed loop: hook requests in flight [default: 8; bundle: 1, so that bundles do not
-    /// overlap].
+    /// Closed loop: hook requests in flight [default: 8].
     #[arg(long, env = "BENCH_IN_FLIGHT")]
     pub in_flight: Option<usize>,
     /// Distinct workers the changes rotate over (`bench-0`, `bench-1`, ...).

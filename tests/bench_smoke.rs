@@ -123,6 +123,7 @@ fn reconnect_storm_resumes_every_subscriber_from_the_log() {
 fn bundle_of_one_mebibyte_reaches_every_subscriber_verified() {
     let report = report(&["--scenario", "bundle", "-n", "5", "-m", "2"]);
     assert_eq!(report["s"], 1 << 20);
+    assert_eq!(report["r"], 1.0, "one bundle a second by default");
     assert_eq!(report["deliveries"], 10);
 }
 

@@ -150,9 +150,10 @@ impl Plan {
             }
             (Some(rate), None) => return bad(format!("--rate {rate} is not in (0, 1e6]")),
             (None, Some(0)) => return bad("--in-flight must be at least 1".to_owned()),
-            (None, in_flight) => Pace::Closed {
-                in_flight: in_flight.unwrap_or(if bundle { 1 } else { 8 }),
-            },
+            (None, Some(in_flight)) => Pace::Closed { in_flight },
+            // One bundle a second: each fans out alone, so its time is its own, not a queue's.
+            (None, None) if bundle => Pace::Open { per_second: 1.0 },
+            (None, None) => Pace::Closed { in_flight: 8 },
         };
         let remote = if args.spawn {
             if args.addr.is_some() || args.hook.is_some() {
