@@ -2,9 +2,14 @@
 //! its own `consumer_id` (`<identity>/bench-<i>`), verifying every change of the run it receives
 //! and recording when it arrived.
 //!
-//! Per subscriber the state is a handful of counters, its resume position and its latencies
-//! (4 bytes per delivery), so that ten thousand fit. Connections are opened with bounded
-//! concurrency; a subscriber whose stream fails reconnects and resumes, as a consumer would.
+//! Per subscriber the state is a handful of counters, its transport, its resume position and its
+//! latencies (4 bytes per delivery), so that ten thousand fit. Connections are opened with
+//! bounded concurrency; a subscriber whose stream fails reconnects and resumes, as a consumer
+//! would.
+//!
+//! Each subscriber has a TLS session cache of its own, as every edge host has: with one cache
+//! shared by thousands of clients (at most 8 TLS 1.3 tickets per server), about half the storm's
+//! reconnects would be full handshakes that real hosts would resume.
 
 use std::{
     sync::{
@@ -27,10 +32,21 @@ use crate::{
     pb::{FetchWorkerRequest, SubscribeRequest, UpdateKind, WorkerUpdate},
 };
 
+/// Makes a subscriber's transport to `host:port` with its TLS configuration.
+pub type MakeTransport =
+    fn(&str, Arc<rustls::ClientConfig>) -> Result<Arc<dyn Transport>, ClientError>;
+
+/// TLS sessions each subscriber keeps for resumption.
+const SESSIONS_PER_SUBSCRIBER: usize = 4;
+
 /// What every subscriber of a fleet shares.
 pub struct FleetConfig {
-    /// How to connect.
-    pub transport: Arc<dyn Transport>,
+    /// Makes each subscriber's transport.
+    pub make_transport: MakeTransport,
+    /// The transport's `host:port`.
+    pub addr: String,
+    /// The TLS configuration every subscriber copies (with a session cache of its own).
+    pub tls: Arc<rustls::ClientConfig>,
     /// The certificate identity; consumer ids are `<identity>/bench-<i>`.
     pub identity: String,
     /// Bounds the connections being set up at once (until their first SYNCED).
@@ -39,9 +55,36 @@ pub struct FleetConfig {
     pub ledger: Arc<Ledger>,
 }
 
+impl FleetConfig {
+    /// `n` new subscribers' seats: a transport each, no position yet.
+    pub fn seats(&self, n: usize) -> Result<Vec<Seat>, ClientError> {
+        (0..n)
+            .map(|_| {
+                let mut tls = (*self.tls).clone();
+                tls.resumption =
+                    rustls::client::Resumption::in_memory_sessions(SESSIONS_PER_SUBSCRIBER);
+                Ok(Seat {
+                    transport: (self.make_transport)(&self.addr, Arc::new(tls))?,
+                    position: None,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What a subscriber keeps across its connections, and in the storm across fleets: its
+/// transport (and so its TLS sessions) and its position.
+#[derive(Clone)]
+pub struct Seat {
+    transport: Arc<dyn Transport>,
+    /// Where to resume from.
+    pub position: Option<Position>,
+}
+
 /// One subscriber's account.
-#[derive(Debug, Default)]
 pub struct Tally {
+    /// Its transport and where it got to.
+    pub seat: Seat,
     /// Latency of every delivery of the run, µs.
     pub latencies_us: Vec<u32>,
     /// Changes of the run received (verified, in order).
@@ -56,8 +99,21 @@ pub struct Tally {
     pub reconnects: u32,
     /// Since the fleet started, when the subscriber held every change of the run.
     pub completed_after: Option<Duration>,
-    /// Where to resume from.
-    pub position: Option<Position>,
+}
+
+impl Tally {
+    fn new(seat: Seat) -> Self {
+        Self {
+            seat,
+            latencies_us: Vec::new(),
+            received: 0,
+            duplicates: 0,
+            verify_failures: 0,
+            resets: 0,
+            reconnects: 0,
+            completed_after: None,
+        }
+    }
 }
 
 /// Counters the fleet's owner waits on.
@@ -108,24 +164,21 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts one subscriber per entry of `positions`, resuming from it when given. Each must
+    /// Starts one subscriber per seat, resuming from its position when it has one. Each must
     /// receive every change of the run.
-    pub fn start(config: &Arc<FleetConfig>, positions: Vec<Option<Position>>) -> Self {
+    pub fn start(config: &Arc<FleetConfig>, seats: Vec<Seat>) -> Self {
         let started = Instant::now();
         let stop = CancellationToken::new();
         let progress = Arc::new(Progress::default());
         let mut tasks = JoinSet::new();
-        let size = positions.len();
-        for (index, position) in positions.into_iter().enumerate() {
+        let size = seats.len();
+        for (index, seat) in seats.into_iter().enumerate() {
             let subscriber = Subscriber {
                 config: config.clone(),
                 progress: progress.clone(),
                 consumer_id: format!("{}/bench-{index}", config.identity),
                 started,
-                tally: Tally {
-                    position,
-                    ..Tally::default()
-                },
+                tally: Tally::new(seat),
                 synced: false,
                 last_revision: 0,
             };
@@ -178,14 +231,15 @@ impl Fleet {
     /// Drops every connection at once; answers each subscriber's tally, in order.
     pub async fn stop(mut self) -> Vec<Tally> {
         self.stop.cancel();
-        let mut tallies: Vec<Tally> = (0..self.size).map(|_| Tally::default()).collect();
+        let mut tallies: Vec<Option<Tally>> = (0..self.size).map(|_| None).collect();
         while let Some(joined) = self.tasks.join_next().await {
             match joined {
-                Ok((index, tally)) => tallies[index] = tally,
+                Ok((index, tally)) => tallies[index] = Some(tally),
+                // Its deliveries count as lost.
                 Err(error) => tracing::error!(%error, "subscriber task failed"),
             }
         }
-        tallies
+        tallies.into_iter().flatten().collect()
     }
 }
 
@@ -263,11 +317,11 @@ impl Subscriber {
                 UpdateKind::Reset => {
                     // Expected on a fresh subscription; after SYNCED, or instead of a resume,
                     // it means the subscriber was not served from the log.
-                    if self.synced || self.tally.position.is_some() {
+                    if self.synced || self.tally.seat.position.is_some() {
                         self.tally.resets += 1;
                     }
                     in_snapshot = true;
-                    self.tally.position = None;
+                    self.tally.seat.position = None;
                     continue;
                 }
                 UpdateKind::Synced => {
@@ -283,7 +337,7 @@ impl Subscriber {
             }
             // Inside a snapshot there is no position to resume from until its SYNCED.
             if !in_snapshot {
-                self.tally.position = Some(Position {
+                self.tally.seat.position = Some(Position {
                     epoch: update.epoch,
                     revision: update.revision,
                 });
@@ -292,8 +346,8 @@ impl Subscriber {
     }
 
     async fn open(&self) -> Result<(Arc<dyn Session>, UpdateStream), ClientError> {
-        let session: Arc<dyn Session> = Arc::from(self.config.transport.connect().await?);
-        let position = self.tally.position.as_ref();
+        let session: Arc<dyn Session> = Arc::from(self.tally.seat.transport.connect().await?);
+        let position = self.tally.seat.position.as_ref();
         let stream = session
             .subscribe(SubscribeRequest {
                 consumer_id: self.consumer_id.clone(),

@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use self::{
-    fleet::{Fleet, FleetConfig, Tally},
+    fleet::{Fleet, FleetConfig, MakeTransport, Tally},
     host::ProcessSample,
     ledger::{Ledger, unix_ns},
     publish::{MIN_SIZE, Pace, Publisher, publish_all},
@@ -43,7 +43,7 @@ use self::{
     target::{Endpoints, SpawnedCore, hook_url},
 };
 use crate::{
-    client::{ClientError, GrpcTransport, Transport},
+    client::{ClientError, GrpcTransport},
     config::{BenchArgs, BenchScenario, TransportKind},
     tls::ClientTlsPurpose,
 };
@@ -81,17 +81,15 @@ impl BenchError {
     }
 }
 
-type MakeTransport = fn(&Endpoints) -> Result<Arc<dyn Transport>, BenchError>;
-
-/// The one place that maps `--transport` to a client transport.
-fn transport_for(kind: TransportKind) -> Result<MakeTransport, BenchError> {
+/// The one place that maps `--transport` to a client transport: its TLS purpose and how to
+/// make one.
+fn transport_for(kind: TransportKind) -> Result<(ClientTlsPurpose, MakeTransport), BenchError> {
     match kind {
-        TransportKind::Grpc => Ok(|e| {
-            let tls = e.tls(ClientTlsPurpose::Grpc)?;
-            Ok(Arc::new(GrpcTransport::new(&e.addr, tls)?))
-        }),
-        // Once the QUIC transport lands: `Ok(|e| { let tls = e.tls(ClientTlsPurpose::Quic)?;
-        // Ok(Arc::new(QuicTransport::new(&e.addr, tls)?)) })`.
+        TransportKind::Grpc => Ok((ClientTlsPurpose::Grpc, |addr, tls| {
+            Ok(Arc::new(GrpcTransport::new(addr, tls)?))
+        })),
+        // Once the QUIC transport lands: `TransportKind::Quic => Ok((ClientTlsPurpose::Quic,
+        // |addr, tls| Ok(Arc::new(QuicTransport::new(addr, tls)?)))),`
         TransportKind::Quic => Err(BenchError::Config(
             "--transport quic: the QUIC transport is not available in this build".to_owned(),
         )),
@@ -105,6 +103,7 @@ const CONNECT_TIME_PER_SUBSCRIBER: Duration = Duration::from_millis(20);
 struct Plan {
     scenario: BenchScenario,
     transport: TransportKind,
+    tls_purpose: ClientTlsPurpose,
     make_transport: MakeTransport,
     subscribers: usize,
     changes: usize,
@@ -181,10 +180,12 @@ impl Plan {
                 key: args.key,
             })
         };
+        let (tls_purpose, make_transport) = transport_for(args.transport)?;
         Ok(Self {
             scenario: args.scenario,
             transport: args.transport,
-            make_transport: transport_for(args.transport)?,
+            tls_purpose,
+            make_transport,
             subscribers: args.subscribers,
             changes,
             size,
@@ -303,7 +304,9 @@ async fn measure(
     let sample = || (sample_core(), ProcessSample::own().ok());
     let ledger = Arc::new(Ledger::new(plan.changes, plan.workers));
     let config = Arc::new(FleetConfig {
-        transport: (plan.make_transport)(endpoints)?,
+        make_transport: plan.make_transport,
+        addr: endpoints.addr.clone(),
+        tls: endpoints.tls(plan.tls_purpose)?,
         identity: endpoints.identity()?,
         connect_slots: Arc::new(Semaphore::new(plan.connect_concurrency)),
         ledger: ledger.clone(),
@@ -324,7 +327,7 @@ async fn measure(
     let (core_before, bench_before) = sample();
     let connecting = Instant::now();
     tracing::info!(subscribers = plan.subscribers, "connecting");
-    let fleet = Fleet::start(&config, vec![None; plan.subscribers]);
+    let fleet = Fleet::start(&config, config.seats(plan.subscribers)?);
     if let Err(error) = fleet.synced(connecting + plan.connect_timeout()).await {
         fleet.stop().await;
         return Err(BenchError::Subscribers(error));
@@ -369,8 +372,9 @@ async fn measure(
             (start, end, tallies, latencies, window)
         }
         BenchScenario::Storm => {
-            // Every connection goes at once; each subscriber keeps only its position.
-            let positions: Vec<_> = fleet.stop().await.into_iter().map(|t| t.position).collect();
+            // Every connection goes at once; each subscriber keeps its position and its TLS
+            // sessions, as an edge host would.
+            let seats: Vec<_> = fleet.stop().await.into_iter().map(|t| t.seat).collect();
             tracing::info!("dropped every connection; publishing while they are away");
             let published = publish_all(publisher, ledger.clone(), plan.pace).await;
             report.publish_secs = published.elapsed.as_secs_f64();
@@ -378,7 +382,7 @@ async fn measure(
             tracing::info!("reconnecting every subscriber with resume");
             let start = sample();
             let reconnecting = Instant::now();
-            let fleet = Fleet::start(&config, positions);
+            let fleet = Fleet::start(&config, seats);
             fleet.complete(reconnecting + plan.deadline).await;
             let window = u64::try_from(reconnecting.elapsed().as_nanos()).unwrap_or(u64::MAX);
             let end = sample();
