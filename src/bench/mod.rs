@@ -343,64 +343,34 @@ async fn measure(
         "every subscriber synced; publishing"
     );
 
-    let (start, end, tallies, latencies_us, window) = match plan.scenario {
+    let measured = match plan.scenario {
         BenchScenario::Fanout | BenchScenario::Bundle => {
-            let start = sample();
-            let publishing = unix_ns();
-            let published = publish_all(publisher, ledger.clone(), plan.pace).await;
-            report.publish_secs = published.elapsed.as_secs_f64();
-            if let Err(error) = published.check() {
-                fleet.stop().await;
-                return Err(error);
-            }
-            fleet.complete(Instant::now() + plan.deadline).await;
-            let end = sample();
-            let tallies = fleet.stop().await;
-            let latencies: Vec<u64> = tallies
-                .iter()
-                .flat_map(|t| t.latencies_us.iter().map(|&us| u64::from(us)))
-                .collect();
-            let window = ledger.last_delivery_ns().saturating_sub(publishing);
-            let mut all_held: Vec<u64> = ledger
-                .slowest_per_change()
-                .into_iter()
-                .map(|ns| ns / 1_000)
-                .collect();
-            let all_held = Spread::of(&mut all_held);
-            report.all_held_p50_us = all_held.map(|s| s.p50);
-            report.all_held_max_us = all_held.map(|s| s.max);
-            (start, end, tallies, latencies, window)
+            fanout(plan, fleet, publisher, &ledger, &mut report, &sample).await?
         }
         BenchScenario::Storm => {
-            // Every connection goes at once; each subscriber keeps its position and its TLS
-            // sessions, as an edge host would.
-            let seats: Vec<_> = fleet.stop().await.into_iter().map(|t| t.seat).collect();
-            tracing::info!("dropped every connection; publishing while they are away");
-            let published = publish_all(publisher, ledger.clone(), plan.pace).await;
-            report.publish_secs = published.elapsed.as_secs_f64();
-            published.check()?;
-            tracing::info!("reconnecting every subscriber with resume");
-            let start = sample();
-            let reconnecting = Instant::now();
-            let fleet = Fleet::start(&config, seats);
-            fleet.complete(reconnecting + plan.deadline).await;
-            let window = u64::try_from(reconnecting.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            let end = sample();
-            let tallies = fleet.stop().await;
-            let resumed: Vec<u64> = tallies
-                .iter()
-                .filter_map(|t| t.completed_after)
-                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-                .collect();
-            (start, end, tallies, resumed, window)
+            storm(
+                plan,
+                &config,
+                fleet,
+                publisher,
+                &ledger,
+                &mut report,
+                &sample,
+            )
+            .await?
         }
     };
-
-    let mut latencies_us = latencies_us;
+    let Measured {
+        start,
+        end,
+        tallies,
+        mut latencies_us,
+        window_ns,
+    } = measured;
     report.set_latency(Spread::of(&mut latencies_us));
     count(&mut report, &tallies);
-    if window > 0 {
-        report.deliveries_per_sec = report.deliveries as f64 / (window as f64 / 1e9);
+    if window_ns > 0 {
+        report.deliveries_per_sec = report.deliveries as f64 / (window_ns as f64 / 1e9);
     }
     if let ((_, Some(start)), (_, Some(end))) = (start, end) {
         report.bench_cpu_seconds = Some(end.cpu_seconds - start.cpu_seconds);
@@ -413,6 +383,102 @@ async fn measure(
         }
     }
     Ok(report)
+}
+
+/// Samples of the spawned core (if any) and of this process.
+type Samples = (Option<ProcessSample>, Option<ProcessSample>);
+
+/// What the measured phase of a scenario yields.
+struct Measured {
+    /// Samples when it started and ended.
+    start: Samples,
+    end: Samples,
+    tallies: Vec<Tally>,
+    /// The latencies the report's percentiles are taken over, µs.
+    latencies_us: Vec<u64>,
+    /// The time deliveries per second are taken over, ns.
+    window_ns: u64,
+}
+
+/// Fanout and bundle: publish every change to the synced fleet and wait until every
+/// subscriber holds them all (or the deadline).
+async fn fanout(
+    plan: &Plan,
+    fleet: Fleet,
+    publisher: Arc<Publisher>,
+    ledger: &Arc<Ledger>,
+    report: &mut Report,
+    sample: &impl Fn() -> Samples,
+) -> Result<Measured, BenchError> {
+    let start = sample();
+    let publishing = unix_ns();
+    let published = publish_all(publisher, ledger.clone(), plan.pace).await;
+    report.publish_secs = published.elapsed.as_secs_f64();
+    if let Err(error) = published.check() {
+        fleet.stop().await;
+        return Err(error);
+    }
+    fleet.complete(Instant::now() + plan.deadline).await;
+    let end = sample();
+    let tallies = fleet.stop().await;
+    let latencies_us = tallies
+        .iter()
+        .flat_map(|t| t.latencies_us.iter().map(|&us| u64::from(us)))
+        .collect();
+    let mut all_held: Vec<u64> = ledger
+        .slowest_per_change()
+        .into_iter()
+        .map(|ns| ns / 1_000)
+        .collect();
+    let all_held = Spread::of(&mut all_held);
+    report.all_held_p50_us = all_held.map(|s| s.p50);
+    report.all_held_max_us = all_held.map(|s| s.max);
+    Ok(Measured {
+        start,
+        end,
+        tallies,
+        latencies_us,
+        window_ns: ledger.last_delivery_ns().saturating_sub(publishing),
+    })
+}
+
+/// The storm: drop every connection at once, publish while everyone is away, then reconnect
+/// them all with resume and time until each holds every change it missed.
+async fn storm(
+    plan: &Plan,
+    config: &Arc<FleetConfig>,
+    fleet: Fleet,
+    publisher: Arc<Publisher>,
+    ledger: &Arc<Ledger>,
+    report: &mut Report,
+    sample: &impl Fn() -> Samples,
+) -> Result<Measured, BenchError> {
+    // Each subscriber keeps its position and its TLS sessions, as an edge host would.
+    let seats: Vec<_> = fleet.stop().await.into_iter().map(|t| t.seat).collect();
+    tracing::info!("dropped every connection; publishing while they are away");
+    let published = publish_all(publisher, ledger.clone(), plan.pace).await;
+    report.publish_secs = published.elapsed.as_secs_f64();
+    published.check()?;
+    tracing::info!("reconnecting every subscriber with resume");
+    let start = sample();
+    let reconnecting = Instant::now();
+    let fleet = Fleet::start(config, seats);
+    fleet.complete(reconnecting + plan.deadline).await;
+    let window_ns = u64::try_from(reconnecting.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let end = sample();
+    let tallies = fleet.stop().await;
+    let latencies_us = tallies
+        .iter()
+        .filter_map(|t| t.completed_after)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .collect();
+    Ok(Measured {
+        start,
+        end,
+        tallies,
+        latencies_us,
+        window_ns,
+    })
 }
 
 /// Sums the tallies into the report.
