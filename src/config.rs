@@ -27,6 +27,8 @@ pub enum Command {
     Watch(WatchArgs),
     /// Makes (or extends) the dev PKI: CA, server certificate, client certificates.
     Certs(CertsArgs),
+    /// Measures delivery latency, throughput and loss: N subscribers, M signed publishes.
+    Bench(BenchArgs),
 }
 
 /// `workerpush serve`.
@@ -263,6 +265,98 @@ fn parse_rate(text: &str) -> Result<f64, String> {
             "{text:?} is not a rate (a number ≥ 0; 0 turns it off)"
         )),
     }
+}
+
+/// What `workerpush bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchScenario {
+    /// N subscribers, M changes of S bytes: latency from hook request to verified delivery,
+    /// deliveries per second, loss.
+    Fanout,
+    /// A 1 MiB bundle to N subscribers: time until each holds code whose SHA-256 matches.
+    Bundle,
+    /// A reconnect storm: N synced subscribers dropped at once, M changes published meanwhile,
+    /// all reconnect and resume; time until each holds the latest revision.
+    Storm,
+}
+
+/// `workerpush bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, env = "BENCH_SCENARIO", value_enum, default_value_t = BenchScenario::Fanout)]
+    pub scenario: BenchScenario,
+    /// Transport of the subscribers.
+    #[arg(long, env = "BENCH_TRANSPORT", value_enum, default_value_t = TransportKind::Grpc)]
+    pub transport: TransportKind,
+    /// Subscribers (N), each on its own connection.
+    #[arg(
+        short = 'n',
+        long = "subscribers",
+        env = "BENCH_SUBSCRIBERS",
+        default_value_t = 100
+    )]
+    pub subscribers: usize,
+    /// Changes published (M) [default: 100; bundle: 10]. In the storm, the changes published
+    /// while every subscriber is away.
+    #[arg(short = 'm', long = "changes", env = "BENCH_CHANGES")]
+    pub changes: Option<usize>,
+    /// Bytes of worker code per change (S) [default: 1024; bundle: 1 MiB].
+    #[arg(short = 's', long = "size", env = "BENCH_SIZE")]
+    pub size: Option<usize>,
+    /// Open loop: publish this many changes per second regardless of answers [bundle default:
+    /// 1, so that each bundle fans out alone]. Without it, closed loop: as fast as
+    /// `--in-flight` concurrent requests allow.
+    #[arg(short = 'r', long = "rate", env = "BENCH_RATE")]
+    pub rate: Option<f64>,
+    /// Closed loop: hook requests in flight [default: 8].
+    #[arg(long, env = "BENCH_IN_FLIGHT")]
+    pub in_flight: Option<usize>,
+    /// Distinct workers the changes rotate over (`bench-0`, `bench-1`, ...).
+    #[arg(long, env = "BENCH_WORKERS", default_value_t = 16)]
+    pub workers: usize,
+    /// Connections being set up at once (also when the storm reconnects).
+    #[arg(long, env = "BENCH_CONNECT_CONCURRENCY", default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// How long to wait for the last deliveries after the last publish (or, in the storm,
+    /// after reconnecting starts) before counting what is missing as lost.
+    #[arg(long, env = "BENCH_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    pub deadline: Duration,
+    /// Start a core on this machine (this binary, `serve --dev` on loopback ports in a temp
+    /// dir) and also report its memory per idle subscriber and CPU per delivery.
+    #[arg(long)]
+    pub spawn: bool,
+    /// Without `--spawn`: the core's gRPC or QUIC endpoint, `host:port` (the host must be in
+    /// the server certificate).
+    #[arg(long, env = "BENCH_ADDR")]
+    pub addr: Option<String>,
+    /// Without `--spawn`: the core's hook, `http://host:port` (`/internal/broadcast` is added
+    /// when the URL has no path).
+    #[arg(long, env = "BENCH_HOOK")]
+    pub hook: Option<String>,
+    /// Without `--spawn`: the hook's signing secret.
+    #[arg(long, env = "HOOK_SECRET", hide_env_values = true)]
+    pub hook_secret: Option<String>,
+    /// Without `--spawn`: CA certificate that signed the server.
+    #[arg(long, env = "BENCH_CA", default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// Without `--spawn`: client certificate of the subscribers.
+    #[arg(
+        long,
+        env = "BENCH_CERT",
+        default_value = "certs/clients/consumer-1.pem"
+    )]
+    pub cert: PathBuf,
+    /// Without `--spawn`: client key of the subscribers.
+    #[arg(
+        long,
+        env = "BENCH_KEY",
+        default_value = "certs/clients/consumer-1-key.pem"
+    )]
+    pub key: PathBuf,
+    /// One JSON object on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h` (or plain seconds).

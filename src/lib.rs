@@ -17,12 +17,15 @@
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
+//! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
+//!   transports.
 //! - [`faults`]: test infrastructure — fault-injecting proxies, real processes to kill, a
 //!   recording consumer and the checker of the delivery promises (`tests/faults.rs`).
 #![warn(missing_docs)]
 
 pub mod acl;
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use workerpush::{
-    app,
+    app, bench,
     config::{Cli, Command},
     tls, watch,
 };
@@ -43,6 +43,25 @@ fn main() -> ExitCode {
                     Err(error) => {
                         eprintln!("workerpush watch: {error}");
                         ExitCode::FAILURE
+                    }
+                };
+            }
+            Command::Bench(args) => {
+                let json = args.json;
+                return match bench::run(args, shutdown).await {
+                    Ok(report) => {
+                        println!("{}", report.render(json));
+                        let problems = report.problems();
+                        if problems.is_empty() {
+                            ExitCode::SUCCESS
+                        } else {
+                            eprintln!("workerpush bench: {}", problems.join("; "));
+                            ExitCode::FAILURE
+                        }
+                    }
+                    Err(error) => {
+                        eprintln!("workerpush bench: {error}");
+                        ExitCode::from(error.exit_code())
                     }
                 };
             }

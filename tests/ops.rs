@@ -450,6 +450,7 @@ fn compose_file_matches_the_binary() {
             }
             Command::Certs(_) => assert!(ports.is_empty()),
             Command::Serve(_) => panic!("{name}: compose runs the roles apart"),
+            Command::Bench(_) => panic!("{name}: the benchmark is not a service"),
         }
     }
     assert_eq!(cores.len(), 2, "two cores");

@@ -1,0 +1,273 @@
+//! The publisher: signed hook requests, exactly as the upload server sends them, open loop (a
+//! fixed rate whatever the answers) or closed loop (a fixed number in flight).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::CONTENT_TYPE;
+use tokio::task::JoinSet;
+
+use super::{
+    BenchError,
+    ledger::{self, Ledger},
+};
+use crate::http::{
+    hook::{Accepted, Action, Metadata},
+    signing::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign},
+    upload::encode_form,
+};
+
+/// The smallest code the publisher makes: room for the header line naming the version.
+pub const MIN_SIZE: usize = HEADER_BYTES;
+
+/// The code starts with one comment line of this many bytes naming its version, so that every
+/// change has its own checksum.
+const HEADER_BYTES: usize = 64;
+
+/// How the publisher paces requests.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// This many requests per second, each sent on time whatever the earlier ones are doing.
+    Open {
+        /// Requests per second.
+        per_second: f64,
+    },
+    /// As fast as this many concurrent requests go.
+    Closed {
+        /// Requests in flight.
+        in_flight: usize,
+    },
+}
+
+/// What publishing achieved.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// Changes the core accepted as new.
+    pub accepted: usize,
+    /// Refused or failed requests.
+    pub failed: usize,
+    /// The first few failures.
+    pub errors: Vec<String>,
+    /// From the first request to the last answer.
+    pub elapsed: Duration,
+}
+
+impl Published {
+    fn merge(&mut self, result: Result<u64, String>) {
+        match result {
+            Ok(_) => self.accepted += 1,
+            Err(error) => {
+                self.failed += 1;
+                if self.errors.len() < 5 {
+                    self.errors.push(error);
+                }
+            }
+        }
+    }
+
+    /// An error if anything failed: a run with refused publishes measures nothing useful.
+    pub fn check(&self) -> Result<(), BenchError> {
+        if self.failed == 0 {
+            return Ok(());
+        }
+        Err(BenchError::Publish(format!(
+            "{} of {} hook requests failed: {}",
+            self.failed,
+            self.failed + self.accepted,
+            self.errors.join("; ")
+        )))
+    }
+}
+
+/// Signs and sends the changes of a [`Ledger`].
+pub struct Publisher {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    secret: Arc<[u8]>,
+    /// `size` bytes of filler the header is written over.
+    filler: Bytes,
+}
+
+impl Publisher {
+    /// A publisher to the hook at `url`, making code of `size` bytes.
+    pub fn new(url: reqwest::Url, secret: &str, size: usize) -> Result<Self, BenchError> {
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| BenchError::Config(format!("HTTP client: {e}")))?;
+        // Lines of a JavaScript comment, so that the code is at least plausible.
+        let line = format!("//{}\n", "-".repeat(61));
+        let filler: Vec<u8> = line.bytes().cycle().take(size.max(MIN_SIZE)).collect();
+        Ok(Self {
+            http,
+            url,
+            secret: Arc::from(secret.as_bytes()),
+            filler: Bytes::from(filler),
+        })
+    }
+
+    /// The code of a version: the filler, its first line naming the version.
+    fn code(&self, version: &str) -> Bytes {
+        let mut code = BytesMut::from(&self.filler[..]);
+        let header = format!(
+            "// workerpush bench {version:<width$}\n",
+            width = HEADER_BYTES
+        );
+        code[..HEADER_BYTES - 1].copy_from_slice(&header.as_bytes()[..HEADER_BYTES - 1]);
+        code[HEADER_BYTES - 1] = b'\n';
+        code.freeze()
+    }
+
+    /// Publishes change `index`; answers its revision. The send time is stamped into the
+    /// ledger after the body is built and signed, just before the request goes out.
+    pub async fn publish(&self, ledger: &Ledger, index: usize) -> Result<u64, String> {
+        let version = ledger.version(index);
+        self.send(ledger.worker(index), version, || ledger.mark_sent(index))
+            .await
+    }
+
+    /// Publishes a change that is not one of the run's (subscribers ignore it), so that the
+    /// log is not empty: resuming from revision 0 means "fresh", which would answer the storm's
+    /// reconnects with a snapshot instead of a replay.
+    pub async fn publish_seed(&self, ledger: &Ledger) -> Result<u64, String> {
+        self.send(ledger.worker(0), ledger.seed_version(), || {})
+            .await
+    }
+
+    async fn send(
+        &self,
+        worker_name: String,
+        version: String,
+        mark_sent: impl FnOnce(),
+    ) -> Result<u64, String> {
+        let metadata = Metadata {
+            worker_name,
+            version: Some(version.clone()),
+            checksum: None,
+            action: Action::Put,
+        };
+        let (content_type, body) =
+            encode_form(&metadata, Some(self.code(&version))).map_err(|e| e.to_string())?;
+        let timestamp = i64::try_from(ledger::unix_ns() / 1_000_000_000).unwrap_or(i64::MAX);
+        let signature = sign(&self.secret, timestamp, &body);
+        let request = self
+            .http
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, content_type)
+            .header(TIMESTAMP_HEADER, timestamp)
+            .header(SIGNATURE_HEADER, signature)
+            .body(body);
+        mark_sent();
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{version}: {}", error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(format!("{version}: {status}: {}", text.trim()));
+        }
+        let accepted: Accepted = response
+            .json()
+            .await
+            .map_err(|e| format!("{version}: unexpected answer: {e}"))?;
+        if !accepted.created {
+            return Err(format!("{version}: the core already had this version"));
+        }
+        Ok(accepted.revision)
+    }
+}
+
+/// Publishes every change of `ledger` at `pace`.
+pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: Pace) -> Published {
+    let started = Instant::now();
+    let changes = ledger.changes();
+    let mut published = Published::default();
+    let mut tasks = JoinSet::new();
+    match pace {
+        Pace::Open { per_second } => {
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / per_second));
+            // Late ticks fire at once: the schedule, not the answers, sets the pace.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for index in 0..changes {
+                ticker.tick().await;
+                let (publisher, ledger) = (publisher.clone(), ledger.clone());
+                tasks.spawn(async move { vec![publisher.publish(&ledger, index).await] });
+                // Collect finished requests as we go, so that results do not pile up.
+                while let Some(Ok(results)) = tasks.try_join_next() {
+                    results.into_iter().for_each(|r| published.merge(r));
+                }
+            }
+        }
+        Pace::Closed { in_flight } => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..in_flight.min(changes) {
+                let (publisher, ledger, next) = (publisher.clone(), ledger.clone(), next.clone());
+                tasks.spawn(async move {
+                    let mut results = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= changes {
+                            return results;
+                        }
+                        results.push(publisher.publish(&ledger, index).await);
+                    }
+                });
+            }
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(results) => results.into_iter().for_each(|r| published.merge(r)),
+            Err(error) => published.merge(Err(format!("publisher task failed: {error}"))),
+        }
+    }
+    published.elapsed = started.elapsed();
+    published
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_is_size_bytes_and_names_its_version_first() {
+        crate::tls::install_crypto_provider();
+        let publisher = Publisher::new(
+            reqwest::Url::parse("http://127.0.0.1:1/").unwrap(),
+            "s",
+            1000,
+        )
+        .unwrap();
+        let a = publisher.code("b0000abcd-1");
+        let b = publisher.code("b0000abcd-2");
+        assert_eq!(a.len(), 1000);
+        assert!(a.starts_with(b"// workerpush bench b0000abcd-1 "));
+        assert_eq!(a[HEADER_BYTES - 1], b'\n');
+        assert_ne!(a, b, "every version has its own checksum");
+        assert_eq!(a[HEADER_BYTES..], b[HEADER_BYTES..]);
+        let small = Publisher::new(reqwest::Url::parse("http://h/").unwrap(), "s", MIN_SIZE)
+            .unwrap()
+            .code("v");
+        assert_eq!(small.len(), MIN_SIZE);
+    }
+}

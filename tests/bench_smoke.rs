@@ -1,0 +1,161 @@
+//! Smoke runs of `workerpush bench --spawn --json`, small enough for CI: each starts the real
+//! binary, which spawns a core of its own. They check that nothing is lost and that the JSON
+//! carries every field; they assert no timing (the machine is shared).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_workerpush");
+
+/// Fields every report has (some null where they do not apply).
+const FIELDS: &[&str] = &[
+    "transport",
+    "scenario",
+    "measures",
+    "n",
+    "m",
+    "s",
+    "r",
+    "in_flight",
+    "workers",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "max_us",
+    "all_held_p50_us",
+    "all_held_max_us",
+    "deliveries",
+    "expected",
+    "lost",
+    "deliveries_per_sec",
+    "duplicates",
+    "verify_failures",
+    "resets",
+    "reconnects",
+    "connect_secs",
+    "publish_secs",
+    "rss_per_idle_subscriber_kib",
+    "cpu_seconds_per_delivery",
+    "core_rss_kib",
+    "core_cpu_seconds",
+    "bench_rss_per_subscriber_kib",
+    "bench_cpu_seconds",
+    "open_file_limit",
+    "machine",
+];
+
+/// Runs `workerpush bench --spawn --json ARGS` and answers (exit code, stdout, stderr).
+fn bench(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(BIN)
+        .args(["bench", "--spawn", "--json"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run workerpush bench");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The report of a run that must succeed, with every field present.
+fn report(args: &[&str]) -> Value {
+    let (code, stdout, stderr) = bench(args);
+    assert_eq!(code, Some(0), "bench {args:?} failed:\n{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout:?}"));
+    let object = report.as_object().expect("a JSON object");
+    for field in FIELDS {
+        assert!(object.contains_key(*field), "no {field:?} in {report}");
+    }
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert_eq!(report["verify_failures"], 0, "{report}");
+    assert_eq!(report["deliveries"], report["expected"], "{report}");
+    report
+}
+
+#[test]
+fn fanout_to_50_subscribers_loses_nothing_and_reports_every_field() {
+    let report = report(&["-n", "50", "-m", "20"]);
+    assert_eq!(report["transport"], "grpc");
+    assert_eq!(report["scenario"], "fanout");
+    assert_eq!(
+        (report["n"].as_u64(), report["m"].as_u64()),
+        (Some(50), Some(20))
+    );
+    assert_eq!(report["deliveries"], 1000);
+    assert_eq!(report["r"], Value::Null, "closed loop has no rate");
+    // With a spawned core every figure is measured.
+    for field in FIELDS.iter().filter(|f| **f != "r") {
+        assert_ne!(report[*field], Value::Null, "{field} is null in {report}");
+    }
+    assert!(report["p50_us"].as_u64() <= report["p99_us"].as_u64());
+    assert!(report["p99_us"].as_u64() <= report["max_us"].as_u64());
+}
+
+#[test]
+fn open_loop_fanout_reports_its_rate() {
+    let report = report(&["-n", "10", "-m", "10", "--rate", "200", "--workers", "3"]);
+    assert_eq!(report["r"], 200.0);
+    assert_eq!(report["in_flight"], Value::Null);
+    assert_eq!(report["workers"], 3);
+}
+
+#[test]
+fn reconnect_storm_resumes_every_subscriber_from_the_log() {
+    let report = report(&["--scenario", "storm", "-n", "30", "-m", "10"]);
+    assert_eq!(report["scenario"], "storm");
+    assert_eq!(report["deliveries"], 300);
+    assert_eq!(
+        report["resets"], 0,
+        "resumed from the log, not a snapshot: {report}"
+    );
+}
+
+#[test]
+fn bundle_of_one_mebibyte_reaches_every_subscriber_verified() {
+    let report = report(&["--scenario", "bundle", "-n", "5", "-m", "2"]);
+    assert_eq!(report["s"], 1 << 20);
+    assert_eq!(report["r"], 1.0, "one bundle a second by default");
+    assert_eq!(report["deliveries"], 10);
+}
+
+#[test]
+fn invalid_flags_exit_with_the_usage_code() {
+    let (code, _, stderr) = bench(&["-n", "0"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("--subscribers"), "{stderr}");
+}
+
+#[test]
+fn fanout_over_quic_loses_nothing() {
+    let report = report(&["--transport", "quic", "-n", "50", "-m", "20"]);
+    assert_eq!(report["transport"], "quic");
+    assert_eq!(report["deliveries"], 1000);
+    for field in FIELDS.iter().filter(|f| **f != "r") {
+        assert_ne!(report[*field], Value::Null, "{field} is null in {report}");
+    }
+}
+
+#[test]
+fn reconnect_storm_over_quic_resumes_from_the_log() {
+    let report = report(&[
+        "--transport",
+        "quic",
+        "--scenario",
+        "storm",
+        "-n",
+        "20",
+        "-m",
+        "10",
+    ]);
+    assert_eq!(report["deliveries"], 200);
+    assert_eq!(report["resets"], 0, "{report}");
+}
