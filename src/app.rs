@@ -221,13 +221,13 @@ async fn start_core(
     };
     let core = Core::open(store, config).await?;
 
-    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port).await?;
+    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port)?;
     let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);
     let quic_socket = std::net::UdpSocket::bind(quic_addr).map_err(|source| AppError::Bind {
         addr: quic_addr,
         source,
     })?;
-    let http_listener = bind_tcp(args.common.bind, args.http_port).await?;
+    let http_listener = bind_tcp(args.common.bind, args.http_port)?;
     let grpc_addr = grpc_listener.local_addr()?;
     let quic_addr = quic_socket.local_addr()?;
     let http_addr = http_listener.local_addr()?;
@@ -363,7 +363,7 @@ async fn start_upload(
         common,
         largest_body,
     );
-    let listener = bind_tcp(common.bind, port).await?;
+    let listener = bind_tcp(common.bind, port)?;
     let addr = listener.local_addr()?;
     println!("workerpush: upload listening on {addr}");
     let accept = servers.uploads.accept.clone();
@@ -686,11 +686,23 @@ fn describe_metrics() {
     );
 }
 
-async fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
+/// Pending connections the kernel queues per listener. tokio's default (128) overflows when
+/// hundreds of edge hosts reconnect at once, and each dropped SYN costs its client a 1 s retry.
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
     let addr = SocketAddr::new(ip, port);
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
+    let bind = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted server can take its port back at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| AppError::Bind { addr, source })
 }
 
 fn required(value: &Option<String>, what: &str) -> Result<String, AppError> {

@@ -118,6 +118,14 @@ impl SpawnedCore {
             .arg(dir.join("certs"))
             .args(["--grpc-max-streams", &max_streams.to_string()])
             .args(["--retain-changes", &retain.to_string()])
+            // Every subscriber is `consumer-1/bench-<i>`: one identity holding N connections.
+            .args([
+                "--max-connections-per-identity",
+                &(subscribers + 64).to_string(),
+            ])
+            .args(["--max-streams-per-identity", &max_streams.to_string()])
+            // The publisher is one address and one secret, as fast as the run asks.
+            .args(["--rate-limit-per-second", "0"])
             .current_dir(&dir)
             // Nothing of the operator's environment (HOOK_SECRET, REDIS_URL, ports) leaks in.
             .env_clear()
