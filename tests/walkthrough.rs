@@ -96,25 +96,7 @@ async fn upload(
     version: &str,
     code: &[u8],
 ) -> (u16, serde_json::Value) {
-    let form = reqwest::multipart::Form::new()
-        .text("filename", name.to_owned())
-        .text("version", version.to_owned())
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(code.to_vec()).file_name("worker.js"),
-        );
-    let response = http_client()
-        .post(format!("http://{addr}/upload"))
-        .bearer_auth(token)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (
-        status,
-        response.json().await.unwrap_or(serde_json::Value::Null),
-    )
+    upload_with(addr, token, "", name, version, code).await
 }
 
 async fn delete(addr: std::net::SocketAddr, token: &str, name: &str) -> u16 {
