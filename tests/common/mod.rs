@@ -274,10 +274,21 @@ pub async fn signed_post(
     boundary: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    signed_post_query(http, secret, "", boundary, body).await
+}
+
+/// Posts a signed multipart `body` to the hook, with a query string (`?wait=5s`).
+pub async fn signed_post_query(
+    http: SocketAddr,
+    secret: &str,
+    query: &str,
+    boundary: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
     let timestamp = workerpush::core::now_ms() / 1000;
     let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
     let response = http_client()
-        .post(format!("http://{http}/internal/broadcast"))
+        .post(format!("http://{http}/internal/broadcast{query}"))
         .header(
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -491,23 +502,7 @@ pub async fn hook_put_query(
         ("metadata", None, metadata.as_bytes()),
         ("worker_code", Some("worker.js"), code),
     ]);
-    let timestamp = workerpush::core::now_ms() / 1000;
-    let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
-    let response = http_client()
-        .post(format!("http://{http}/internal/broadcast{query}"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .header("x-workerpush-timestamp", timestamp.to_string())
-        .header("x-workerpush-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let json = response.json().await.unwrap_or(serde_json::Value::Null);
-    (status, json)
+    signed_post_query(http, secret, query, &boundary, body).await
 }
 
 /// The next update of a subscription stream, within 10 s.
