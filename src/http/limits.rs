@@ -210,6 +210,12 @@ impl RateLimiter {
     }
 }
 
+/// Whether a request only reads (GET, HEAD, OPTIONS): such requests carry no body worth
+/// budgeting and change nothing worth rate-limiting.
+fn reads_only(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
 /// `router` with [`rate_limit`] in front of every route it has.
 pub fn with_rate_limit(router: Router, limiter: Arc<RateLimiter>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(limiter, rate_limit))
@@ -223,10 +229,7 @@ pub async fn rate_limit(
     request: Request,
     next: Next,
 ) -> Response {
-    if matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    ) {
+    if reads_only(request.method()) {
         return next.run(request).await;
     }
     let mut keys = Vec::with_capacity(2);
@@ -313,10 +316,7 @@ pub async fn body_budget(
     request: Request,
     next: Next,
 ) -> Response {
-    if matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    ) {
+    if reads_only(request.method()) {
         return next.run(request).await;
     }
     let Some(_reserved) = budget.reserve(super::content_length(request.headers())) else {
