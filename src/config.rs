@@ -301,7 +301,8 @@ pub struct BenchArgs {
     /// while every subscriber is away.
     #[arg(short = 'm', long = "changes", env = "BENCH_CHANGES")]
     pub changes: Option<usize>,
-    /// Bytes of worker code per change (S) [default: 1024; bundle: 1 MiB].
+    /// Bytes of worker code per change (S) [default: 256, the size the targets in
+    /// BENCHMARKS.md are set for; bundle: 1 MiB].
     #[arg(short = 's', long = "size", env = "BENCH_SIZE")]
     pub size: Option<usize>,
     /// Open loop: publish this many changes per second regardless of answers [bundle default:

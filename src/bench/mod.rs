@@ -119,7 +119,7 @@ impl Plan {
         let bad = |text: String| Err(BenchError::Config(text));
         let bundle = args.scenario == BenchScenario::Bundle;
         let changes = args.changes.unwrap_or(if bundle { 10 } else { 100 });
-        let size = args.size.unwrap_or(if bundle { 1 << 20 } else { 1024 });
+        let size = args.size.unwrap_or(if bundle { 1 << 20 } else { 256 });
         if args.subscribers == 0 {
             return bad("--subscribers must be at least 1".to_owned());
         }
