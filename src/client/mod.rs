@@ -17,6 +17,7 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
+use sha2::{Digest, Sha256};
 
 pub use consumer::{Backoff, Consumer, ConsumerOptions, Handler, Position};
 pub use failover::FailoverTransport;
@@ -97,11 +98,44 @@ pub fn verify(code: &[u8], checksum: &str, size: i64) -> Result<(), ClientError>
             code.len()
         )));
     }
-    let actual = crate::core::Checksum::of(code);
-    if actual.as_str() != checksum {
+    // Compared as raw digests: no hex encoding per delivery, and any case of hex digits.
+    let actual = Sha256::digest(code);
+    let mut announced = [0u8; 32];
+    if hex::decode_to_slice(checksum, &mut announced).is_err() || actual[..] != announced {
         return Err(ClientError::Verification(format!(
-            "checksum {actual} instead of {checksum}"
+            "checksum {} instead of {checksum}",
+            hex::encode(actual)
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CODE: &[u8] = b"export default {}";
+
+    #[test]
+    fn verify_accepts_the_announced_digest_in_either_case() {
+        let checksum = crate::core::Checksum::of(CODE);
+        verify(CODE, checksum.as_str(), 17).unwrap();
+        verify(CODE, &checksum.as_str().to_ascii_uppercase(), 17).unwrap();
+    }
+
+    #[test]
+    fn verify_refuses_other_code_sizes_and_malformed_checksums() {
+        let checksum = crate::core::Checksum::of(CODE);
+        let other = crate::core::Checksum::of(b"export default { x }");
+        for (code, checksum, size) in [
+            (CODE, other.as_str(), 17),
+            (CODE, checksum.as_str(), 18),
+            (CODE, &checksum.as_str()[..62], 17),
+            (CODE, "not hex", 17),
+            (&b"export default {!"[..], checksum.as_str(), 17),
+        ] {
+            let error = verify(code, checksum, size).unwrap_err();
+            assert!(matches!(error, ClientError::Verification(_)), "{error}");
+        }
+    }
 }
