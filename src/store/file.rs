@@ -14,9 +14,19 @@
 //! ```
 //!
 //! A record (in `log`, and `snapshot` is one record) is `len: u32 LE | crc32(payload): u32 LE |
-//! payload`, the payload JSON: a log record holds the changes of one group commit, contiguous
-//! revisions. Every file other than `log` is written as temp file + fsync + rename + fsync of
-//! the directory, so it is either the old or the new version after a crash.
+//! payload`. A log record's payload is either JSON, the changes of one group commit
+//! (contiguous revisions), or a carried bundle: `bundle <checksum>\n` and the code. Every file
+//! other than `log` is written as temp file + fsync + rename + fsync of the directory, so it is
+//! either the old or the new version after a crash.
+//!
+//! Carried bundles: code up to [`CARRIED_MAX`] bytes is held in memory until the first change
+//! that names it commits, and goes into the log in the same write, so a publish waits for one
+//! fsync of one file. Creating the bundle's file in that transaction would cost about as much
+//! again (its directory entry has to be journaled), so a background flusher writes it right
+//! after (temp file, fsync, rename, fsync of the directory); until then reads are served from
+//! memory. Open rewrites any carried bundle whose file the crash kept from being written, and
+//! compaction, which drops the records carrying them, first flushes what is left. A bundle file
+//! only ever appears whole and synced; one whose content does not match its name is damage.
 //!
 //! Durability: one writer task takes every pending [`Store::apply`], decides each in order,
 //! appends one record, fsyncs once, and only then advances the durable watermark, sends the
@@ -28,7 +38,7 @@
 //! Depends on `store` and `core::types` only.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fs::{self, File, OpenOptions},
     io::{self, Write},
     path::{Path, PathBuf},
@@ -49,7 +59,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store, StoreError, Tail,
+    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store,
+    StoreError, Tail,
 };
 use crate::core::types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerName};
 
@@ -71,6 +82,14 @@ const MAX_LOG_RECORD: usize = 16 << 20;
 const MAX_BATCH: usize = 1024;
 /// Version of the snapshot payload.
 const SNAPSHOT_FORMAT: u32 = 1;
+/// Bundles up to this size are carried by the log (see the module docs); larger ones are
+/// fsynced on their own.
+const CARRIED_MAX: usize = 64 << 10;
+/// Most bundles held for a commit to carry; past it, the held ones are written to their files
+/// (bundles of publishes that never commit, refused or unchanged, would otherwise pile up).
+const MAX_UNCARRIED: usize = 1024;
+/// How a carried bundle's payload starts; a JSON batch starts with `[`.
+const BUNDLE_TAG: &[u8] = b"bundle ";
 
 /// Tunables of a [`FileStore`].
 #[derive(Clone, Debug)]
@@ -117,6 +136,10 @@ struct Shared {
     log_syncs: AtomicU64,
     registry: Mutex<Registry>,
     registry_changed: Notify,
+    /// Small bundles on their way to disk (module docs).
+    bundles: Mutex<PendingBundles>,
+    /// Wakes the bundle flusher.
+    bundles_carried: Notify,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -194,6 +217,8 @@ impl FileStore {
                 dirty: false,
             }),
             registry_changed: Notify::new(),
+            bundles: Mutex::new(PendingBundles::default()),
+            bundles_carried: Notify::new(),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -209,6 +234,7 @@ impl FileStore {
         };
         let tasks = vec![
             tokio::spawn(writer.run(receiver, closing.clone())),
+            tokio::spawn(flush_bundles(shared.clone(), lock.clone(), closing.clone())),
             tokio::spawn(flush_registry(
                 shared.clone(),
                 lock,
@@ -296,17 +322,27 @@ impl Store for FileStore {
     async fn put_bundle(&self, checksum: &Checksum, code: Bytes) -> Result<(), StoreError> {
         self.check()?;
         let path = self.bundle_path(checksum)?;
-        match blocking(move || write_bundle(&path, &code)).await? {
-            Ok(()) => Ok(()),
-            Err(BundleError::Write(error)) => Err(error.into()),
-            Err(BundleError::Sync(error)) => Err(self
-                .shared
-                .fail(&format!("syncing a bundle failed: {error}"))),
+        if code.len() <= CARRIED_MAX {
+            let shared = self.shared.clone();
+            let checksum = checksum.clone();
+            return blocking(move || shared.hold_bundle(&path, checksum, code)).await?;
         }
+        blocking(move || write_bundle(&path, &code))
+            .await?
+            .map_err(|e| self.shared.bundle_error(e))
     }
 
     async fn bundle(&self, checksum: &Checksum) -> Result<Option<Bytes>, StoreError> {
         self.check()?;
+        let held = {
+            let pending = lock(&self.shared.bundles);
+            (pending.unflushed.get(checksum))
+                .or_else(|| pending.uncarried.get(checksum))
+                .cloned()
+        };
+        if held.is_some() {
+            return Ok(held);
+        }
         let path = self.bundle_path(checksum)?;
         let checksum = checksum.clone();
         blocking(move || {
@@ -398,6 +434,47 @@ impl Shared {
     fn fenced_error(&self) -> StoreError {
         fenced(self.fence.get().map_or("unknown failure", String::as_str))
     }
+
+    /// Forgets carried bundles whose files are written.
+    fn flushed(&self, written: &HashMap<Checksum, Bytes>) {
+        let mut pending = lock(&self.bundles);
+        for checksum in written.keys() {
+            pending.unflushed.remove(checksum);
+        }
+    }
+
+    /// A failed write fails the request; a failed sync fences the store.
+    fn bundle_error(&self, error: BundleError) -> StoreError {
+        match error {
+            BundleError::Write(error) => error.into(),
+            BundleError::Sync(error) => self.fail(&format!("syncing a bundle failed: {error}")),
+        }
+    }
+
+    /// Holds a small bundle for the commit that names it to carry (module docs). A file that
+    /// holds the code already is durable: bundle files only appear whole and synced.
+    fn hold_bundle(&self, path: &Path, checksum: Checksum, code: Bytes) -> Result<(), StoreError> {
+        let mut bundles = lock(&self.bundles);
+        if bundles.uncarried.contains_key(&checksum) || bundles.unflushed.contains_key(&checksum) {
+            return Ok(());
+        }
+        match fs::read(path) {
+            Ok(held) if held == code => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            // Damaged after it was stored: rewrite it now, whoever carries it.
+            _ => return write_bundle(path, &code).map_err(|e| self.bundle_error(e)),
+        }
+        if bundles.uncarried.len() >= MAX_UNCARRIED {
+            // Bundles of publishes that did not commit (or not yet): written out, they need no
+            // carrying, whenever their commit comes.
+            if let Err(error) = write_bundles(&self.dir.join(BUNDLES_DIR), &bundles.uncarried) {
+                return Err(self.fail(&format!("writing bundles failed: {error}")));
+            }
+            bundles.uncarried.clear();
+        }
+        bundles.uncarried.insert(checksum, code);
+        Ok(())
+    }
 }
 
 fn fenced(reason: &str) -> StoreError {
@@ -406,6 +483,15 @@ fn fenced(reason: &str) -> StoreError {
 
 fn closed() -> StoreError {
     StoreError::Unavailable("store closed".to_owned())
+}
+
+/// Small bundles between `put_bundle` and their synced file.
+#[derive(Default)]
+struct PendingBundles {
+    /// Held for the commit that names them to carry.
+    uncarried: HashMap<Checksum, Bytes>,
+    /// Carried by a durable record, their files not written yet.
+    unflushed: HashMap<Checksum, Bytes>,
 }
 
 /// The single writer of the log: group commit and compaction.
@@ -495,7 +581,18 @@ impl Writer {
             (Some(reason), _) => Err(reason),
             (None, Some(last)) => {
                 let last = last.revision;
-                self.append(&changes).await.map(|()| Some(last))
+                let bundles = self.bundles_to_carry(&changes);
+                let appended = self.append(&bundles, &changes).await;
+                if appended.is_ok() && !bundles.is_empty() {
+                    let mut pending = lock(&self.shared.bundles);
+                    for (checksum, code) in bundles {
+                        pending.uncarried.remove(&checksum);
+                        pending.unflushed.insert(checksum, code);
+                    }
+                    drop(pending);
+                    self.shared.bundles_carried.notify_one();
+                }
+                appended.map(|()| Some(last))
             }
             (None, None) => Ok(None),
         };
@@ -524,11 +621,40 @@ impl Writer {
         }
     }
 
-    /// Appends one record holding `changes` and fsyncs it. `Err` says why; the caller fences.
-    async fn append(&mut self, changes: &[Change]) -> Result<(), String> {
+    /// The held bundles that `changes` name, each once.
+    fn bundles_to_carry(&self, changes: &[Change]) -> Vec<(Checksum, Bytes)> {
+        let pending = lock(&self.shared.bundles);
+        let mut seen = HashSet::new();
+        changes
+            .iter()
+            .filter(|change| change.kind == ChangeKind::Put)
+            .filter_map(|change| {
+                let code = pending.uncarried.get(&change.checksum)?;
+                seen.insert(&change.checksum)
+                    .then(|| (change.checksum.clone(), code.clone()))
+            })
+            .collect()
+    }
+
+    /// Appends a record per carried bundle and one holding `changes`, in one write, and
+    /// fsyncs it. `Err` says why; the caller fences.
+    async fn append(
+        &mut self,
+        bundles: &[(Checksum, Bytes)],
+        changes: &[Change],
+    ) -> Result<(), String> {
         let payload =
             serde_json::to_vec(changes).map_err(|e| format!("encoding changes failed: {e}"))?;
-        let record = frame(&payload, MAX_LOG_RECORD)?;
+        let mut record = Vec::new();
+        for (checksum, code) in bundles {
+            let mut payload = Vec::with_capacity(BUNDLE_TAG.len() + 65 + code.len());
+            payload.extend_from_slice(BUNDLE_TAG);
+            payload.extend_from_slice(checksum.as_str().as_bytes());
+            payload.push(b'\n');
+            payload.extend_from_slice(code);
+            record.extend(frame(&payload, MAX_LOG_RECORD)?);
+        }
+        record.extend(frame(&payload, MAX_LOG_RECORD)?);
         let mut log = self
             .log
             .take()
@@ -572,8 +698,17 @@ impl Writer {
         // Between batches the machine holds exactly the durable state.
         let snapshot = Snapshot::of(&lock(&self.shared.view).machine);
         let dir = self.shared.dir.clone();
+        // The new log carries nothing: what the old one carried must be in its files first.
+        let unflushed = lock(&self.shared.bundles).unflushed.clone();
         let started = Instant::now();
-        match blocking(move || compact(&dir, &snapshot)).await {
+        let shared = self.shared.clone();
+        match blocking(move || {
+            write_bundles(&dir.join(BUNDLES_DIR), &unflushed)?;
+            shared.flushed(&unflushed);
+            compact(&dir, &snapshot)
+        })
+        .await
+        {
             Ok(Ok(file)) => {
                 tracing::info!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -588,6 +723,42 @@ impl Writer {
             Err(error) => {
                 self.shared.fail(&format!("compaction: {error}"));
             }
+        }
+    }
+}
+
+/// Writes the files of carried bundles after their commit (module docs), and what is left
+/// when the store closes. A failure fences the store: the disk can no longer be trusted.
+async fn flush_bundles(shared: Arc<Shared>, _lock: Arc<File>, closing: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shared.bundles_carried.notified() => {}
+            () = closing.cancelled() => {}
+        }
+        let unflushed = lock(&shared.bundles).unflushed.clone();
+        if !unflushed.is_empty() && shared.fence.get().is_none() {
+            let dir = shared.dir.join(BUNDLES_DIR);
+            let written = {
+                let shared = shared.clone();
+                blocking(move || {
+                    write_bundles(&dir, &unflushed)?;
+                    shared.flushed(&unflushed);
+                    io::Result::Ok(())
+                })
+                .await
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    shared.fail(&format!("writing bundles failed: {error}"));
+                }
+                Err(error) => {
+                    shared.fail(&format!("bundle flusher: {error}"));
+                }
+            }
+        }
+        if closing.is_cancelled() {
+            return;
         }
     }
 }
@@ -728,6 +899,19 @@ fn recover(dir: &Path, config: &FileStoreConfig) -> Result<Opened, StoreError> {
     let log_bytes = read_if_exists(&dir.join(LOG_FILE))?;
     let log_len = log_bytes.as_ref().map_or(0, Vec::len);
     let parsed = parse_log(log_bytes.as_deref().unwrap_or_default())?;
+    // Carried bundles whose files were not written before the crash come back from the log.
+    let bundles_dir = dir.join(BUNDLES_DIR);
+    for (checksum, code) in &parsed.bundles {
+        let path = bundles_dir.join(checksum.as_str());
+        if fs::read(&path).is_ok_and(|held| held == *code) {
+            continue;
+        }
+        tracing::warn!(%checksum, "bundle restored from the change log");
+        if let Err(BundleError::Write(error) | BundleError::Sync(error)) = write_bundle(&path, code)
+        {
+            return Err(error.into());
+        }
+    }
     let snapshot = match read_if_exists(&dir.join(SNAPSHOT_FILE))? {
         Some(bytes) => Some(decode_snapshot(&bytes)?),
         None => None,
@@ -874,7 +1058,15 @@ fn compact(dir: &Path, state: &Snapshot) -> io::Result<File> {
 /// The log's intact records, and where they end.
 struct ParsedLog {
     batches: Vec<Vec<Change>>,
+    /// Carried bundles, by checksum.
+    bundles: Vec<(Checksum, Vec<u8>)>,
     valid_len: usize,
+}
+
+/// One intact log record.
+enum LogRecord {
+    Changes(Vec<Change>),
+    Bundle(Checksum, Vec<u8>),
 }
 
 /// Reads records until the first damaged one. Only the last group commit can be torn (each
@@ -882,31 +1074,45 @@ struct ParsedLog {
 /// record is corruption of durable history, not a torn tail.
 fn parse_log(bytes: &[u8]) -> Result<ParsedLog, StoreError> {
     let mut batches = Vec::new();
+    let mut bundles = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        match decode_batch(bytes, at) {
-            Some((changes, next)) => {
+        match decode_record(bytes, at) {
+            Some((LogRecord::Changes(changes), next)) => {
                 batches.push(changes);
+                at = next;
+            }
+            Some((LogRecord::Bundle(checksum, code), next)) => {
+                bundles.push((checksum, code));
                 at = next;
             }
             None => break,
         }
     }
-    if let Some(intact) = (at + 1..bytes.len()).find(|&p| decode_batch(bytes, p).is_some()) {
+    if let Some(intact) = (at + 1..bytes.len()).find(|&p| decode_record(bytes, p).is_some()) {
         return Err(StoreError::Corrupt(format!(
             "change log damaged at byte {at}, with intact records after it (at byte {intact})"
         )));
     }
     Ok(ParsedLog {
         batches,
+        bundles,
         valid_len: at,
     })
 }
 
-fn decode_batch(bytes: &[u8], at: usize) -> Option<(Vec<Change>, usize)> {
+fn decode_record(bytes: &[u8], at: usize) -> Option<(LogRecord, usize)> {
     let (payload, next) = unframe(bytes, at, MAX_LOG_RECORD)?;
+    if let Some(rest) = payload.strip_prefix(BUNDLE_TAG) {
+        let (name, code) = rest.split_at_checked(64)?;
+        let code = code.strip_prefix(b"\n")?;
+        let checksum = Checksum::parse(std::str::from_utf8(name).ok()?).ok()?;
+        // The CRC vouches for the bytes; the checksum for what they are.
+        return (Checksum::of(code) == checksum)
+            .then(|| (LogRecord::Bundle(checksum, code.to_vec()), next));
+    }
     let changes: Vec<Change> = serde_json::from_slice(payload).ok()?;
-    (!changes.is_empty()).then_some((changes, next))
+    (!changes.is_empty()).then_some((LogRecord::Changes(changes), next))
 }
 
 fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, StoreError> {
@@ -955,17 +1161,38 @@ enum BundleError {
     Sync(io::Error),
 }
 
+/// Writes a bundle durably: temp file, fsync, rename, fsync of the directory. A file that
+/// already holds the code is kept.
 fn write_bundle(path: &Path, code: &[u8]) -> Result<(), BundleError> {
-    // Content-addressed: a file of the right size is this code, written whole (it was
-    // fsynced before its rename). A wrong size is a damaged file; rewrite it.
-    if fs::metadata(path).is_ok_and(|m| m.len() == code.len() as u64) {
-        return Ok(());
-    }
     let dir = path
         .parent()
         .ok_or_else(|| BundleError::Write(io::Error::other("bundle path has no directory")))?;
+    if place_bundle(path, code).map_err(BundleError::Write)? {
+        sync_dir(dir).map_err(BundleError::Sync)?;
+    }
+    Ok(())
+}
+
+/// [`write_bundle`] for many bundles in `dir`, with one fsync of the directory.
+fn write_bundles(dir: &Path, bundles: &HashMap<Checksum, Bytes>) -> io::Result<()> {
+    let mut placed = false;
+    for (checksum, code) in bundles {
+        placed |= place_bundle(&dir.join(checksum.as_str()), code)?;
+    }
+    if placed { sync_dir(dir) } else { Ok(()) }
+}
+
+/// Temp file, fsync, rename into `path`, unless `path` holds `code` already. Returns whether
+/// it renamed (the directory then needs an fsync).
+fn place_bundle(path: &Path, code: &[u8]) -> io::Result<bool> {
+    if fs::read(path).is_ok_and(|held| held == code) {
+        return Ok(false);
+    }
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("bundle path has no directory"))?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    // Two publishes of the same code may race; each writes its own temp file.
+    // Two writers of the same code may race; each writes its own temp file.
     let temp = dir.join(format!(
         "{name}.{:016x}{TEMP_SUFFIX}",
         rand::random::<u64>()
@@ -974,11 +1201,12 @@ fn write_bundle(path: &Path, code: &[u8]) -> Result<(), BundleError> {
         file.write_all(code)?;
         file.sync_all()
     });
-    if let Err(error) = written.and_then(|()| fs::rename(&temp, path)) {
-        let _ = fs::remove_file(&temp);
-        return Err(BundleError::Write(error));
-    }
-    sync_dir(dir).map_err(BundleError::Sync)
+    written
+        .and_then(|()| fs::rename(&temp, path))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })?;
+    Ok(true)
 }
 
 /// Temp file, fsync, rename over `name`, fsync the directory.
@@ -1418,19 +1646,131 @@ mod tests {
     async fn a_damaged_bundle_is_reported_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
-        let code = Bytes::from_static(b"export default {}");
-        let checksum = Checksum::of(&code);
-        store.put_bundle(&checksum, code.clone()).await.unwrap();
+        // Larger than the log carries, so nothing can repair it from there.
+        let code = Bytes::from(vec![b'x'; CARRIED_MAX + 1]);
+        let checksum = publish(&store, "shop", "v1", &code).await;
         let path = dir.path().join(BUNDLES_DIR).join(checksum.as_str());
-        fs::write(&path, b"export default {!").unwrap();
+        fs::write(&path, vec![b'y'; CARRIED_MAX + 1]).unwrap();
         assert!(matches!(
             store.bundle(&checksum).await,
             Err(StoreError::Corrupt(_))
         ));
-        // Same size, so `put_bundle` trusts the file; a different size is rewritten.
-        fs::write(&path, b"short").unwrap();
+        // Whatever its size, a file that does not hold the code is rewritten.
         store.put_bundle(&checksum, code.clone()).await.unwrap();
         assert_eq!(store.bundle(&checksum).await.unwrap(), Some(code));
         store.close().await;
+    }
+
+    /// Publishes `code` as `worker`@`version`: the bundle, then the change naming it.
+    async fn publish(store: &FileStore, worker: &str, version: &str, code: &[u8]) -> Checksum {
+        let checksum = Checksum::of(code);
+        store
+            .put_bundle(&checksum, Bytes::copy_from_slice(code))
+            .await
+            .unwrap();
+        commit(store, put(worker, version, code)).await;
+        checksum
+    }
+
+    #[tokio::test]
+    async fn a_small_bundle_rides_in_the_log_and_comes_back_if_the_disk_lost_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let code = b"export default { fetch() { return new Response('carried') } }";
+        let checksum = publish(&store, "shop", "v1", code).await;
+        // One fsync for the change and its bundle together.
+        assert_eq!(store.log_syncs(), 1);
+        store.close().await;
+        let log = fs::read(log_path(dir.path())).unwrap();
+        assert!(
+            log.windows(code.len()).any(|w| w == code),
+            "code not in the log"
+        );
+
+        // As if the bundle file never reached the disk before a power cut.
+        let path = dir.path().join(BUNDLES_DIR).join(checksum.as_str());
+        fs::remove_file(&path).unwrap();
+        let store = open(dir.path()).await;
+        assert_eq!(
+            store.bundle(&checksum).await.unwrap().as_deref(),
+            Some(&code[..])
+        );
+        // Torn the same way, but damaged rather than missing.
+        store.close().await;
+        fs::write(&path, vec![0u8; code.len()]).unwrap();
+        let store = open(dir.path()).await;
+        assert_eq!(
+            store.bundle(&checksum).await.unwrap().as_deref(),
+            Some(&code[..])
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_large_bundle_is_synced_on_its_own_and_stays_out_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let code: Vec<u8> = (0..CARRIED_MAX + 1).map(|i| (i % 251) as u8).collect();
+        let checksum = publish(&store, "big", "v1", &code).await;
+        store.close().await;
+        let log = fs::read(log_path(dir.path())).unwrap();
+        assert!(log.len() < 4096, "the log holds {} bytes", log.len());
+        let store = open(dir.path()).await;
+        assert_eq!(
+            store.bundle(&checksum).await.unwrap().as_deref(),
+            Some(&code[..])
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_bundles_the_log_carried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_compacting(dir.path(), 2, 3).await;
+        let mut published = Vec::new();
+        for i in 0..5 {
+            let code = format!("export default {{ version: {i} }}");
+            let checksum = publish(&store, "shop", &format!("v{i}"), code.as_bytes()).await;
+            published.push((checksum, code));
+        }
+        store.close().await;
+        // Compacted after the fourth change: the fresh log carries only the fifth bundle.
+        let log = fs::read(log_path(dir.path())).unwrap();
+        for (i, (_, code)) in published.iter().enumerate() {
+            let carried = log.windows(code.len()).any(|w| w == code.as_bytes());
+            assert_eq!(carried, i == 4, "bundle {i} carried: {carried}");
+        }
+        let store = open(dir.path()).await;
+        for (checksum, code) in &published {
+            assert_eq!(
+                store.bundle(checksum).await.unwrap().as_deref(),
+                Some(code.as_bytes())
+            );
+        }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn bundles_of_publishes_that_never_commit_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        for i in 0..MAX_UNCARRIED + 10 {
+            let code = format!("export default {{ abandoned: {i} }}");
+            store
+                .put_bundle(&Checksum::of(code.as_bytes()), Bytes::from(code))
+                .await
+                .unwrap();
+        }
+        let waiting = lock(&store.shared.bundles).uncarried.len();
+        assert_eq!(
+            waiting, 10,
+            "the full set was written out and forgotten, then 10 more"
+        );
+        // A later publish of one of the forgotten bundles is durable without being carried.
+        let code = b"export default { abandoned: 0 }";
+        publish(&store, "shop", "v1", code).await;
+        store.close().await;
+        let log = fs::read(log_path(dir.path())).unwrap();
+        assert!(!log.windows(code.len()).any(|w| w == code));
     }
 }
