@@ -28,7 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .route_name(route)
             .input_type(format!("crate::pb::{input}"))
             .output_type(format!("crate::pb::{output}"))
-            .codec_path("tonic_prost::ProstCodec");
+            .codec_path(if streaming && output == "EncodedUpdate" {
+                "crate::pb::UpdateCodec"
+            } else {
+                "tonic_prost::ProstCodec"
+            });
         if streaming {
             builder.server_streaming().build()
         } else {
