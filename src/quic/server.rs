@@ -65,7 +65,8 @@ pub struct QuicLimits {
     /// A handshake not done within this is dropped.
     pub handshake_timeout: Duration,
     /// Bidirectional streams (requests) open at once per connection: QUIC flow control, the
-    /// peer cannot open more.
+    /// peer cannot open more. quinn keeps state for each of them from the handshake on, so
+    /// this is memory every connection holds (at 128, about 4 KiB more than at 64).
     pub max_streams_per_connection: u32,
     /// Subscriptions at once per connection; more get RESOURCE_EXHAUSTED.
     pub max_subscriptions_per_connection: usize,
@@ -177,8 +178,8 @@ impl Default for QuicLimits {
             max_connections: 10_000,
             max_handshakes: 256,
             handshake_timeout: Duration::from_secs(10),
-            max_streams_per_connection: 128,
-            max_subscriptions_per_connection: 64,
+            max_streams_per_connection: 64,
+            max_subscriptions_per_connection: 32,
             per_identity: IdentityLimits::default(),
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
