@@ -223,10 +223,7 @@ async fn start_core(
 
     let grpc_listener = bind_tcp(args.common.bind, args.grpc_port)?;
     let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);
-    let quic_socket = std::net::UdpSocket::bind(quic_addr).map_err(|source| AppError::Bind {
-        addr: quic_addr,
-        source,
-    })?;
+    let quic_socket = bind_udp(quic_addr)?;
     let http_listener = bind_tcp(args.common.bind, args.http_port)?;
     let grpc_addr = grpc_listener.local_addr()?;
     let quic_addr = quic_socket.local_addr()?;
@@ -690,6 +687,9 @@ fn describe_metrics() {
 /// hundreds of edge hosts reconnect at once, and each dropped SYN costs its client a 1 s retry.
 const LISTEN_BACKLOG: u32 = 1024;
 
+/// Receive and send buffer of the QUIC socket (see [`bind_udp`]).
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
 fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
     let addr = SocketAddr::new(ip, port);
     let bind = || {
@@ -703,6 +703,28 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
         socket.listen(LISTEN_BACKLOG)
     };
     bind().map_err(|source| AppError::Bind { addr, source })
+}
+
+/// Binds the QUIC socket with room for bursts: every client sends to this one socket, and
+/// with the kernel's default buffer (about 200 KiB, a hundred datagrams) a reconnect storm's
+/// handshakes and acknowledgements overflow it, and each dropped handshake packet costs its
+/// client a retransmission timeout. The kernel caps the size at `net.core.rmem_max` /
+/// `wmem_max`; failing to raise it is not fatal.
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, AppError> {
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+    for (what, set) in [
+        (
+            "receive",
+            rustix::net::sockopt::set_socket_recv_buffer_size as fn(_, _) -> _,
+        ),
+        ("send", rustix::net::sockopt::set_socket_send_buffer_size),
+    ] {
+        if let Err(error) = set(&socket, UDP_BUFFER_BYTES) {
+            tracing::warn!(%error, "cannot size the QUIC socket's {what} buffer");
+        }
+    }
+    Ok(socket)
 }
 
 fn required(value: &Option<String>, what: &str) -> Result<String, AppError> {
