@@ -1690,20 +1690,24 @@ mod tests {
         // As if the bundle file never reached the disk before a power cut.
         let path = dir.path().join(BUNDLES_DIR).join(checksum.as_str());
         fs::remove_file(&path).unwrap();
-        let store = open(dir.path()).await;
         assert_eq!(
-            store.bundle(&checksum).await.unwrap().as_deref(),
+            bundle_after_reopen(dir.path(), &checksum).await.as_deref(),
             Some(&code[..])
         );
         // Torn the same way, but damaged rather than missing.
-        store.close().await;
         fs::write(&path, vec![0u8; code.len()]).unwrap();
-        let store = open(dir.path()).await;
         assert_eq!(
-            store.bundle(&checksum).await.unwrap().as_deref(),
+            bundle_after_reopen(dir.path(), &checksum).await.as_deref(),
             Some(&code[..])
         );
+    }
+
+    /// What a freshly opened store in `dir` reads for `checksum`.
+    async fn bundle_after_reopen(dir: &Path, checksum: &Checksum) -> Option<Bytes> {
+        let store = open(dir).await;
+        let bundle = store.bundle(checksum).await.unwrap();
         store.close().await;
+        bundle
     }
 
     #[tokio::test]
@@ -1715,12 +1719,10 @@ mod tests {
         store.close().await;
         let log = fs::read(log_path(dir.path())).unwrap();
         assert!(log.len() < 4096, "the log holds {} bytes", log.len());
-        let store = open(dir.path()).await;
         assert_eq!(
-            store.bundle(&checksum).await.unwrap().as_deref(),
+            bundle_after_reopen(dir.path(), &checksum).await.as_deref(),
             Some(&code[..])
         );
-        store.close().await;
     }
 
     #[tokio::test]
