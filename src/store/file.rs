@@ -85,9 +85,9 @@ const SNAPSHOT_FORMAT: u32 = 1;
 /// Bundles up to this size are carried by the log (see the module docs); larger ones are
 /// fsynced on their own.
 const CARRIED_MAX: usize = 64 << 10;
-/// Most bundles held for a commit to carry; past it, the held ones are written to their files
-/// (bundles of publishes that never commit, refused or unchanged, would otherwise pile up).
-const MAX_UNCARRIED: usize = 1024;
+/// Most bundles held for a commit to carry (at most 16 MiB); past it, the held ones are
+/// written to their files, so bundles of publishes that were refused cannot pile up.
+const MAX_UNCARRIED: usize = 256;
 /// How a carried bundle's payload starts; a JSON batch starts with `[`.
 const BUNDLE_TAG: &[u8] = b"bundle ";
 
