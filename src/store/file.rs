@@ -88,6 +88,10 @@ const CARRIED_MAX: usize = 64 << 10;
 /// Most bundles held for a commit to carry (at most 16 MiB); past it, the held ones are
 /// written to their files, so bundles of publishes that were refused cannot pile up.
 const MAX_UNCARRIED: usize = 256;
+/// Most carried bundles waiting for the flusher; past it, publishes write their bundles
+/// themselves (with an fsync) until it catches up, so that memory stays bounded when bundles
+/// arrive faster than files can be synced.
+const MAX_UNFLUSHED: usize = 1024;
 /// How a carried bundle's payload starts; a JSON batch starts with `[`.
 const BUNDLE_TAG: &[u8] = b"bundle ";
 
@@ -463,6 +467,9 @@ impl Shared {
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             // Damaged after it was stored: rewrite it now, whoever carries it.
             _ => return write_bundle(path, &code).map_err(|e| self.bundle_error(e)),
+        }
+        if bundles.unflushed.len() >= MAX_UNFLUSHED {
+            return write_bundle(path, &code).map_err(|e| self.bundle_error(e));
         }
         if bundles.uncarried.len() >= MAX_UNCARRIED {
             // Bundles of publishes that did not commit (or not yet): written out, they need no
@@ -1749,6 +1756,32 @@ mod tests {
                 Some(code.as_bytes())
             );
         }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn publishes_write_their_own_bundles_while_the_flusher_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        // As if the flusher had this many carried bundles still to write.
+        lock(&store.shared.bundles)
+            .unflushed
+            .extend((0..MAX_UNFLUSHED).map(|i| {
+                let code = Bytes::from(format!("export default {{ waiting: {i} }}"));
+                (Checksum::of(&code), code)
+            }));
+        let code = b"export default { late: true }";
+        let checksum = publish(&store, "shop", "v1", code).await;
+        let path = dir.path().join(BUNDLES_DIR).join(checksum.as_str());
+        assert_eq!(fs::read(&path).unwrap(), code, "written before its commit");
+        assert!(
+            !lock(&store.shared.bundles)
+                .uncarried
+                .contains_key(&checksum)
+        );
+        let log = fs::read(log_path(dir.path())).unwrap();
+        assert!(!log.windows(code.len()).any(|w| w == code), "not carried");
+        lock(&store.shared.bundles).unflushed.clear();
         store.close().await;
     }
 
