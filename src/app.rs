@@ -713,16 +713,12 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, AppError> {
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
-    for (what, set) in [
-        (
-            "receive",
-            rustix::net::sockopt::set_socket_recv_buffer_size as fn(_, _) -> _,
-        ),
-        ("send", rustix::net::sockopt::set_socket_send_buffer_size),
-    ] {
-        if let Err(error) = set(&socket, UDP_BUFFER_BYTES) {
-            tracing::warn!(%error, "cannot size the QUIC socket's {what} buffer");
-        }
+    let sized = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, UDP_BUFFER_BYTES)
+        .and_then(|()| {
+            rustix::net::sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER_BYTES)
+        });
+    if let Err(error) = sized {
+        tracing::warn!(%error, "cannot size the QUIC socket's buffers");
     }
     Ok(socket)
 }

@@ -89,6 +89,7 @@ where
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
+        // Yielding to the body at 32 KiB, as tonic does by default.
         ProstCodec::<T, U>::raw_encoder(BufferSettings::new(1024, 32 * 1024))
     }
 
