@@ -20,7 +20,7 @@ use super::{
 use crate::http::{
     hook::{Accepted, Action, Metadata},
     signing::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign},
-    upload::encode_form,
+    upload::{encode_form, error_chain},
 };
 
 /// The smallest code the publisher makes: room for the header line naming the version.
@@ -232,17 +232,6 @@ pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: P
     }
     published.elapsed = started.elapsed();
     published
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -644,7 +644,7 @@ fn jittered(backoff: Duration) -> Duration {
 }
 
 /// The error and its causes, `: `-separated (reqwest's own message names only the URL).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
