@@ -87,14 +87,7 @@ async fn fds_back_to(server: &TestServer, most: usize, what: &str) {
 /// The value of `workerpush_limit_refusals_total{limit=...}` (or another counter with one
 /// label), 0 when not yet counted.
 async fn counter(http: SocketAddr, name: &str, label: &str) -> f64 {
-    let text = http_client()
-        .get(format!("http://{http}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(http).await;
     text.lines()
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -209,14 +202,7 @@ fn forged_hook_headers() -> String {
 }
 
 fn grpc_tls(certs: &Path) -> Arc<rustls::ClientConfig> {
-    tls::install_crypto_provider();
-    tls::client_config(
-        &certs.join("ca.pem"),
-        &certs.join("clients/consumer-1.pem"),
-        &certs.join("clients/consumer-1-key.pem"),
-        ClientTlsPurpose::Grpc,
-    )
-    .unwrap()
+    client_tls(certs, "consumer-1", ClientTlsPurpose::Grpc)
 }
 
 /// A raw mutual-TLS connection to the gRPC port, as `consumer-1`.
@@ -232,14 +218,7 @@ async fn raw_grpc_tls(
 
 /// A raw quinn endpoint with `consumer-1`'s certificate.
 fn raw_quic(certs: &Path) -> (quinn::Endpoint, quinn::ClientConfig) {
-    tls::install_crypto_provider();
-    let tls = tls::client_config(
-        &certs.join("ca.pem"),
-        &certs.join("clients/consumer-1.pem"),
-        &certs.join("clients/consumer-1-key.pem"),
-        ClientTlsPurpose::Quic,
-    )
-    .unwrap();
+    let tls = client_tls(certs, "consumer-1", ClientTlsPurpose::Quic);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     (endpoint, quinn::ClientConfig::new(Arc::new(crypto)))
@@ -1325,27 +1304,8 @@ async fn signed_put(
     version: &str,
     code: &[u8],
 ) -> u16 {
-    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
-    let (boundary, body) = multipart(&[
-        ("metadata", None, metadata.as_bytes()),
-        ("worker_code", Some("worker.js"), code),
-    ]);
-    let timestamp = workerpush::core::now_ms() / 1000;
-    let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
-    client
-        .post(format!("http://{http}/internal/broadcast"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .header("x-workerpush-timestamp", timestamp.to_string())
-        .header("x-workerpush-signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    let request = signed_put_request(client, http, secret, "", worker, version, code);
+    request.send().await.unwrap().status().as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -341,13 +341,7 @@ async fn certificates_rotate_under_load_without_a_failed_handshake() {
         connect_and_list(&second_grpc()).await.is_err(),
         "a client of the second CA is refused before the bundle has it"
     );
-    let probe = tls::client_config(
-        &certs.join("ca.pem"),
-        &certs.join("clients/consumer-1.pem"),
-        &certs.join("clients/consumer-1-key.pem"),
-        ClientTlsPurpose::Grpc,
-    )
-    .unwrap();
+    let probe = client_tls(&certs, "consumer-1", ClientTlsPurpose::Grpc);
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));

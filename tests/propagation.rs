@@ -371,14 +371,7 @@ struct Scrape(std::collections::HashMap<String, f64>);
 
 impl Scrape {
     async fn take(http: std::net::SocketAddr) -> Self {
-        let text = http_client()
-            .get(format!("http://{http}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(http).await;
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
         let mut values = std::collections::HashMap::new();

@@ -20,7 +20,10 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::{BIN, TestServer, common_ports, grpc_session, grpc_transport, multipart};
+use common::{
+    BIN, TestServer, common_ports, grpc_session, grpc_transport, signed_put_request,
+    status_and_json,
+};
 use futures_util::{StreamExt, stream};
 use tempfile::TempDir;
 use tokio::{
@@ -207,31 +210,10 @@ impl Hook {
     }
 
     async fn put(&self, core: SocketAddr, worker: &str, version: &str, code: &[u8]) -> Answer {
-        let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
-        let (boundary, body) = multipart(&[
-            ("metadata", None, metadata.as_bytes()),
-            ("worker_code", Some("worker.js"), code),
-        ]);
-        let timestamp = workerpush::core::now_ms() / 1000;
-        let signature = workerpush::http::signing::sign(HOOK_SECRET.as_bytes(), timestamp, &body);
-        let response = self
-            .client
-            .post(format!("http://{core}/internal/broadcast"))
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .header("x-workerpush-timestamp", timestamp.to_string())
-            .header("x-workerpush-signature", signature)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        let status = response.status().as_u16();
-        Ok((
-            status,
-            response.json().await.unwrap_or(serde_json::Value::Null),
-        ))
+        let request =
+            signed_put_request(&self.client, core, HOOK_SECRET, "", worker, version, code);
+        let response = request.send().await.map_err(|e| format!("{e:?}"))?;
+        Ok(status_and_json(response).await)
     }
 
     /// A put that must be accepted as a new change: its revision.

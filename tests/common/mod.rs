@@ -253,12 +253,7 @@ pub async fn hook_put(
     version: &str,
     code: &[u8],
 ) -> (u16, serde_json::Value) {
-    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
-    let (boundary, body) = multipart(&[
-        ("metadata", None, metadata.as_bytes()),
-        ("worker_code", Some("worker.js"), code),
-    ]);
-    signed_post(http, secret, &boundary, body).await
+    hook_put_query(http, secret, "", worker, version, code).await
 }
 
 /// Deletes through the core's signed hook.
@@ -285,9 +280,22 @@ pub async fn signed_post_query(
     boundary: &str,
     body: Vec<u8>,
 ) -> (u16, serde_json::Value) {
+    let request = signed_request(&http_client(), http, secret, query, boundary, body);
+    status_and_json(request.send().await.unwrap()).await
+}
+
+/// The hook request posting the multipart `body`, signed with `secret`, on `client`; not sent.
+pub fn signed_request(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    secret: &str,
+    query: &str,
+    boundary: &str,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
     let timestamp = workerpush::core::now_ms() / 1000;
     let signature = workerpush::http::signing::sign(secret.as_bytes(), timestamp, &body);
-    let response = http_client()
+    client
         .post(format!("http://{http}/internal/broadcast{query}"))
         .header(
             "content-type",
@@ -296,12 +304,33 @@ pub async fn signed_post_query(
         .header("x-workerpush-timestamp", timestamp.to_string())
         .header("x-workerpush-signature", signature)
         .body(body)
-        .send()
-        .await
-        .unwrap();
+}
+
+/// The signed hook request putting `code` as `worker`@`version`, on `client`; not sent.
+pub fn signed_put_request(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    secret: &str,
+    query: &str,
+    worker: &str,
+    version: &str,
+    code: &[u8],
+) -> reqwest::RequestBuilder {
+    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
+    let (boundary, body) = multipart(&[
+        ("metadata", None, metadata.as_bytes()),
+        ("worker_code", Some("worker.js"), code),
+    ]);
+    signed_request(client, http, secret, query, &boundary, body)
+}
+
+/// A response's status and JSON body (`Null` when the body is not JSON).
+pub async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
-    let json = response.json().await.unwrap_or(serde_json::Value::Null);
-    (status, json)
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A gRPC session as client `name` (from `certs/clients/`).
@@ -310,15 +339,36 @@ pub async fn grpc_session(certs: &Path, grpc: SocketAddr, name: &str) -> Box<dyn
 }
 
 pub fn grpc_transport(certs: &Path, grpc: SocketAddr, name: &str) -> GrpcTransport {
+    let config = client_tls(certs, name, ClientTlsPurpose::Grpc);
+    GrpcTransport::new(&format!("localhost:{}", grpc.port()), config).unwrap()
+}
+
+/// The TLS configuration of client `name` (from `certs/clients/`), trusting `certs/ca.pem`.
+pub fn client_tls(
+    certs: &Path,
+    name: &str,
+    purpose: ClientTlsPurpose,
+) -> std::sync::Arc<rustls::ClientConfig> {
     tls::install_crypto_provider();
-    let config = tls::client_config(
+    tls::client_config(
         &certs.join("ca.pem"),
         &certs.join(format!("clients/{name}.pem")),
         &certs.join(format!("clients/{name}-key.pem")),
-        ClientTlsPurpose::Grpc,
+        purpose,
     )
-    .unwrap();
-    GrpcTransport::new(&format!("localhost:{}", grpc.port()), config).unwrap()
+    .unwrap()
+}
+
+/// The text of the core's `/metrics`.
+pub async fn metrics_text(http: SocketAddr) -> String {
+    http_client()
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 pub fn sha256(code: &[u8]) -> String {
@@ -348,14 +398,7 @@ pub fn quic_transport(
     quic: SocketAddr,
     name: &str,
 ) -> workerpush::client::QuicTransport {
-    tls::install_crypto_provider();
-    let config = tls::client_config(
-        &certs.join("ca.pem"),
-        &certs.join(format!("clients/{name}.pem")),
-        &certs.join(format!("clients/{name}-key.pem")),
-        ClientTlsPurpose::Quic,
-    )
-    .unwrap();
+    let config = client_tls(certs, name, ClientTlsPurpose::Quic);
     workerpush::client::QuicTransport::new(&format!("localhost:{}", quic.port()), config).unwrap()
 }
 
@@ -449,12 +492,7 @@ pub async fn admin_get(
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (
-        status,
-        response.json().await.unwrap_or(serde_json::Value::Null),
-    )
+    status_and_json(request.send().await.unwrap()).await
 }
 
 /// Uploads through the upload server as the README does, with an optional query string
@@ -481,11 +519,7 @@ pub async fn upload_with(
         .send()
         .await
         .unwrap();
-    let status = response.status().as_u16();
-    (
-        status,
-        response.json().await.unwrap_or(serde_json::Value::Null),
-    )
+    status_and_json(response).await
 }
 
 /// [`hook_put`] with a query string (`?wait=5s`).
@@ -497,12 +531,8 @@ pub async fn hook_put_query(
     version: &str,
     code: &[u8],
 ) -> (u16, serde_json::Value) {
-    let metadata = serde_json::json!({"worker_name": worker, "version": version}).to_string();
-    let (boundary, body) = multipart(&[
-        ("metadata", None, metadata.as_bytes()),
-        ("worker_code", Some("worker.js"), code),
-    ]);
-    signed_post_query(http, secret, query, &boundary, body).await
+    let request = signed_put_request(&http_client(), http, secret, query, worker, version, code);
+    status_and_json(request.send().await.unwrap()).await
 }
 
 /// The next update of a subscription stream, within 10 s.
