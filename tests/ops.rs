@@ -1,8 +1,8 @@
 //! Operations. Docker does not run on our machines, so the compose file and the Dockerfile are
 //! checked by reading them against the binary they run: its clap definition, its defaults and
 //! the names in its certificates. Then the drain on SIGTERM, against the real binary: uploads
-//! in flight finish, and 100 live subscribers end with UNAVAILABLE and, after a restart on the
-//! same ports, resume exactly where they were.
+//! in flight finish, 100 live subscribers end with UNAVAILABLE and, after a restart on the
+//! same ports, resume exactly where they were, and a health watcher hears NOT_SERVING.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -999,4 +999,59 @@ async fn sigterm_lets_an_upload_in_flight_finish_and_reach_subscribers() {
     }
     let (_server, status, _) = terminate(server).await;
     assert!(status.success(), "{status:?}");
+}
+
+/// `grpc.health.v1.Health/Watch` across SIGTERM: the watcher hears NOT_SERVING, then its stream
+/// ends with UNAVAILABLE, and it does not hold the drain. The gRPC server stops on whichever
+/// comes first, its shutdown signal or the end of its listener, so several servers at once give
+/// that race several chances to drop NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watcher_hears_not_serving_and_does_not_hold_the_drain() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let watched = |_| async {
+        let dir = tempfile::tempdir().unwrap();
+        let server = TestServer::serve_dev(dir.path(), &["--grace", "5s"]);
+        let channel = grpc_transport(&server.certs(), server.addr("grpc"), "consumer-1")
+            .channel()
+            .await
+            .unwrap();
+        let request = HealthCheckRequest {
+            service: "controlplane.v1.ControlPlane".into(),
+        };
+        let mut watch = HealthClient::new(channel)
+            .watch(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let status =
+            |message: Option<_>| message.map(|m: tonic_health::pb::HealthCheckResponse| m.status());
+        assert_eq!(
+            status(watch.message().await.unwrap()),
+            Some(ServingStatus::Serving)
+        );
+
+        sigterm(&server);
+        let started = Instant::now();
+        let told = tokio::time::timeout(GRACE, watch.message())
+            .await
+            .expect("NOT_SERVING within the grace period");
+        assert_eq!(status(told.unwrap()), Some(ServingStatus::NotServing));
+        let ended = tokio::time::timeout(GRACE, watch.message())
+            .await
+            .expect("the watch ended within the grace period");
+        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+        let (_server, exit, _) = terminate(server).await;
+        assert!(exit.success(), "{exit:?}");
+        started.elapsed()
+    };
+    let drains = futures_util::future::join_all((0..4).map(watched)).await;
+    for took in drains {
+        assert!(
+            took < GRACE / 2,
+            "a health watcher held the drain for {took:?}"
+        );
+    }
 }

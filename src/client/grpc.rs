@@ -39,6 +39,36 @@ impl GrpcTransport {
             tls,
         })
     }
+
+    /// A mutually authenticated HTTP/2 channel, for the services served beside the control
+    /// plane (`grpc.health.v1`, reflection) as well as for it.
+    pub async fn channel(&self) -> Result<Channel, ClientError> {
+        let connector = TlsConnector::from(self.tls.clone());
+        let server_name = self.server_name.clone();
+        let addr = self.addr.clone();
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| ClientError::Config(e.to_string()))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                let server_name = server_name.clone();
+                let addr = addr.clone();
+                async move {
+                    let tcp = TcpStream::connect(&addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(server_name, tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Transport(format!("connect {}: {e:?}", self.addr)))?;
+        Ok(channel)
+    }
 }
 
 /// The host part of `host:port` (brackets stripped from IPv6).
@@ -65,32 +95,8 @@ impl Transport for GrpcTransport {
     }
 
     async fn connect(&self) -> Result<Box<dyn Session>, ClientError> {
-        let connector = TlsConnector::from(self.tls.clone());
-        let server_name = self.server_name.clone();
-        let addr = self.addr.clone();
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| ClientError::Config(e.to_string()))?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_| {
-                let connector = connector.clone();
-                let server_name = server_name.clone();
-                let addr = addr.clone();
-                async move {
-                    let tcp = TcpStream::connect(&addr).await?;
-                    tcp.set_nodelay(true)?;
-                    let tls = connector.connect(server_name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .map_err(|e| ClientError::Transport(format!("connect {}: {e:?}", self.addr)))?;
         Ok(Box::new(GrpcSession {
-            client: ControlPlaneClient::new(channel),
+            client: ControlPlaneClient::new(self.channel().await?),
         }))
     }
 }

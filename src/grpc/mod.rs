@@ -81,13 +81,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let quota = IdentityQuota::new(limits.per_identity);
+    // The listener stops only once health says NOT_SERVING: tonic's accept loop ends on
+    // whichever comes first, the shutdown signal or the end of `incoming`, and drops the other.
+    let accepting = CancellationToken::new();
     let incoming = incoming::incoming(
         listener,
         tls,
         access.connections.clone(),
         limits.handshake,
         quota.clone(),
-        shutdown.clone(),
+        accepting.clone(),
     );
     let service = ControlPlaneService::new(core, access.acl, limits.max_streams).with_quota(quota);
     let health = tonic_health::server::HealthReporter::new();
@@ -147,6 +150,7 @@ pub async fn serve(
             health
                 .set_not_serving::<ControlPlaneServer<ControlPlaneService>>()
                 .await;
+            accepting.cancel();
         })
         .await
 }
