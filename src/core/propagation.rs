@@ -10,7 +10,7 @@
 //! Transport-free, like the rest of the core: only `tokio::sync`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
@@ -188,6 +188,10 @@ struct TrackerState {
     /// How many live subscriptions each consumer id has.
     connected: HashMap<ConsumerId, usize>,
     departed: HashMap<ConsumerId, Departed>,
+    /// Every departure in `departed`, oldest first, so that forgetting expired ones costs only
+    /// those: ten thousand hosts dropping at once must not scan the map ten thousand times.
+    /// Entries whose consumer has come back (or left again since) are skipped when reached.
+    departures: VecDeque<(Instant, ConsumerId)>,
     acks: HashMap<ConsumerId, HashMap<WorkerName, AckState>>,
 }
 
@@ -258,26 +262,37 @@ impl Tracker {
                 if left {
                     let consumer = info.consumer_id.clone();
                     let at = Instant::now();
+                    state.departures.push_back((at, consumer.clone()));
                     state.departed.insert(consumer, Departed { info, at });
                 }
             }
-            self.forget_old(&mut state);
+            self.forget_old(&mut state, Instant::now());
         }
         self.bump();
     }
 
-    fn forget_old(&self, state: &mut TrackerState) {
-        let remember = self.remember;
-        state.departed.retain(|_, d| d.at.elapsed() < remember);
+    /// Forgets consumers that left more than `remember` before `now`, with their
+    /// acknowledgements.
+    fn forget_old(&self, state: &mut TrackerState, now: Instant) {
         let TrackerState {
-            connected,
             departed,
+            departures,
             acks,
             ..
         } = state;
-        acks.retain(|consumer, _| {
-            connected.contains_key(consumer) || departed.contains_key(consumer)
-        });
+        let expired =
+            departures.partition_point(|(at, _)| now.duration_since(*at) >= self.remember);
+        for (at, consumer) in departures.drain(..expired) {
+            if departed.get(&consumer).is_some_and(|d| d.at == at) {
+                departed.remove(&consumer);
+                acks.remove(&consumer);
+            }
+        }
+        // Consumers that come and go keep adding departures: drop the stale ones once they
+        // outnumber the current ones, which keeps the queue within about twice the map.
+        if departures.len() > 2 * departed.len() + 64 {
+            departures.retain(|(at, consumer)| departed.get(consumer).is_some_and(|d| d.at == *at));
+        }
     }
 
     /// Records an acknowledgement from a known consumer (live or recently departed); returns
@@ -473,4 +488,109 @@ fn members<'a>(
         }
     }
     members
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    const REMEMBER: Duration = Duration::from_secs(300);
+
+    fn info(id: u64, consumer: &str) -> Arc<SubscriberInfo> {
+        Arc::new(SubscriberInfo {
+            id,
+            consumer_id: ConsumerId::authorize("edge", consumer).unwrap(),
+            transport: "test",
+            remote: None,
+            filter: WorkerFilter::parse(&[] as &[&str]).unwrap(),
+            since_ms: 0,
+            delivered: AtomicU64::new(0),
+        })
+    }
+
+    fn departed_at(tracker: &Tracker, consumer: &ConsumerId) -> Option<Instant> {
+        lock(&tracker.state).departed.get(consumer).map(|d| d.at)
+    }
+
+    fn ack(tracker: &Tracker, consumer: &ConsumerId) -> bool {
+        let worker = WorkerName::parse("app").unwrap();
+        tracker.record(consumer, &worker, 1, Ok(()), None)
+    }
+
+    #[test]
+    fn a_departure_is_forgotten_with_its_acks_once_remember_has_passed() {
+        let tracker = Tracker::new(REMEMBER);
+        let a = info(1, "edge/a");
+        let consumer = a.consumer_id.clone();
+        tracker.subscribed(a);
+        assert!(ack(&tracker, &consumer));
+        tracker.unsubscribed(1);
+        let left = departed_at(&tracker, &consumer).unwrap();
+
+        let mut state = lock(&tracker.state);
+        tracker.forget_old(&mut state, left + REMEMBER - Duration::from_nanos(1));
+        assert!(state.knows(&consumer), "forgotten before its time");
+        tracker.forget_old(&mut state, left + REMEMBER);
+        assert!(!state.knows(&consumer));
+        assert!(state.acks.is_empty() && state.departures.is_empty());
+    }
+
+    #[test]
+    fn a_consumer_that_came_back_and_left_again_counts_from_its_last_departure() {
+        let tracker = Tracker::new(REMEMBER);
+        let consumer = info(1, "edge/a").consumer_id.clone();
+        tracker.subscribed(info(1, "edge/a"));
+        tracker.unsubscribed(1);
+        let first = departed_at(&tracker, &consumer).unwrap();
+        tracker.subscribed(info(2, "edge/a"));
+        assert!(ack(&tracker, &consumer));
+        tracker.unsubscribed(2);
+        let second = departed_at(&tracker, &consumer).unwrap();
+        assert!(second > first);
+
+        // The first departure expires; the consumer stays, acknowledgements and all.
+        let mut state = lock(&tracker.state);
+        tracker.forget_old(&mut state, first + REMEMBER);
+        assert!(state.knows(&consumer));
+        assert_eq!(state.acks.len(), 1);
+        assert_eq!(state.departures.len(), 1);
+        tracker.forget_old(&mut state, second + REMEMBER);
+        assert!(!state.knows(&consumer) && state.acks.is_empty());
+    }
+
+    #[test]
+    fn departures_of_a_flapping_consumer_stay_bounded() {
+        let tracker = Tracker::new(REMEMBER);
+        for id in 0..10_000 {
+            tracker.subscribed(info(id, "edge/a"));
+            tracker.unsubscribed(id);
+        }
+        let state = lock(&tracker.state);
+        assert_eq!(state.departed.len(), 1);
+        assert!(
+            state.departures.len() <= 2 + 64,
+            "{}",
+            state.departures.len()
+        );
+    }
+
+    #[test]
+    fn thousands_leaving_at_once_are_all_remembered() {
+        let tracker = Tracker::new(REMEMBER);
+        let everyone: Vec<_> = (0..10_000)
+            .map(|id| info(id, &format!("edge/h{id}")))
+            .collect();
+        for host in &everyone {
+            tracker.subscribed(host.clone());
+        }
+        for host in &everyone {
+            tracker.unsubscribed(host.id);
+        }
+        let state = lock(&tracker.state);
+        assert!(state.live.is_empty() && state.connected.is_empty());
+        assert_eq!(state.departed.len(), everyone.len());
+        assert_eq!(state.departures.len(), everyone.len());
+    }
 }
