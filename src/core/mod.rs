@@ -46,6 +46,12 @@ use crate::{
     store::{Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Store, StoreError, Tail},
 };
 
+/// How often, at most, waiting for a propagation looks again while answers arrive. A look goes
+/// over the subscribers still pending, under the lock that records answers: looking at every
+/// answer of a fleet answering at once would keep that lock busy, so answers gather between
+/// looks, and a look that took long waits eight times as long before the next.
+const PROPAGATION_LOOK_INTERVAL: Duration = Duration::from_millis(5);
+
 /// Tunables of the core.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -467,8 +473,8 @@ impl Core {
     /// Where `revision` of `worker` stands across the worker's current subscribers (live
     /// subscriptions whose filter passes it, and consumers that left less than
     /// [`CoreConfig::remember_departed`] ago). Waits up to `wait` for every one of them to
-    /// answer (acknowledge or fail), waking on each acknowledgement; answers early when the
-    /// core shuts down.
+    /// answer (acknowledge or fail), looking again as acknowledgements arrive (see
+    /// [`PROPAGATION_LOOK_INTERVAL`]); answers early when the core shuts down.
     pub async fn propagation(
         &self,
         worker: &WorkerName,
@@ -477,18 +483,30 @@ impl Core {
     ) -> Propagation {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.tracker.watch();
+        let mut look = propagation::Look::default();
         loop {
             changes.borrow_and_update();
-            let propagation = self.tracker.propagation(worker, revision);
-            if propagation.pending.is_empty() || self.is_shutting_down() {
-                return propagation;
+            let looked = tokio::time::Instant::now();
+            let now = std::time::Instant::now();
+            let answered = self.tracker.answered(worker, revision, &mut look, now);
+            if let Some(answered) = answered {
+                return answered;
+            }
+            if self.is_shutting_down() {
+                break;
+            }
+            let next = looked + PROPAGATION_LOOK_INTERVAL.max(looked.elapsed() * 8);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(deadline) => break,
+                () = self.shutdown.cancelled() => break,
             }
             tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return propagation },
-                () = tokio::time::sleep_until(deadline) => return propagation,
-                () = self.shutdown.cancelled() => {}
+                () = tokio::time::sleep_until(next.min(deadline)) => {}
+                () = self.shutdown.cancelled() => break,
             }
         }
+        self.tracker.propagation(worker, revision)
     }
 
     /// A live worker's latest version and where it stands.

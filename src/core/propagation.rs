@@ -188,6 +188,9 @@ struct TrackerState {
     /// How many live subscriptions each consumer id has.
     connected: HashMap<ConsumerId, usize>,
     departed: HashMap<ConsumerId, Departed>,
+    /// Counts subscriptions starting and ending, so that a waiter can tell whether the set of
+    /// subscribers is the one it looked at.
+    membership: u64,
     /// Every departure in `departed`, oldest first, so that forgetting expired ones costs only
     /// those: ten thousand hosts dropping at once must not scan the map ten thousand times.
     /// Entries whose consumer has come back (or left again since) are skipped when reached.
@@ -199,6 +202,23 @@ impl TrackerState {
     fn knows(&self, consumer: &ConsumerId) -> bool {
         self.connected.contains_key(consumer) || self.departed.contains_key(consumer)
     }
+
+    /// Whether `consumer` is live, or left less than `remember` before `now`.
+    fn counts(&self, consumer: &ConsumerId, now: Instant, remember: Duration) -> bool {
+        self.connected.contains_key(consumer)
+            || self
+                .departed
+                .get(consumer)
+                .is_some_and(|d| now.duration_since(d.at) < remember)
+    }
+}
+
+/// Who was pending when a waiter last looked (see [`Tracker::answered`]).
+#[derive(Default)]
+pub(super) struct Look {
+    /// [`TrackerState::membership`] then; `None` before the first look.
+    membership: Option<u64>,
+    pending: Vec<ConsumerId>,
 }
 
 /// What a propagation is computed over: one subscriber per consumer id.
@@ -238,6 +258,7 @@ impl Tracker {
     pub(super) fn subscribed(&self, info: Arc<SubscriberInfo>) {
         {
             let mut state = lock(&self.state);
+            state.membership += 1;
             state.departed.remove(&info.consumer_id);
             *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
             state.live.insert(info.id, info);
@@ -248,6 +269,7 @@ impl Tracker {
     pub(super) fn unsubscribed(&self, id: u64) {
         {
             let mut state = lock(&self.state);
+            state.membership += 1;
             if let Some(info) = state.live.remove(&id) {
                 let left = match state.connected.get_mut(&info.consumer_id) {
                     Some(count) if *count > 1 => {
@@ -345,52 +367,39 @@ impl Tracker {
 
     /// Where `revision` of `worker` stands now.
     pub(super) fn propagation(&self, worker: &WorkerName, revision: Revision) -> Propagation {
+        let now = Instant::now();
+        propagation_of(&lock(&self.state), self.remember, now, worker, revision)
+    }
+
+    /// Where `revision` of `worker` stands, once no current subscriber is pending on it.
+    /// Waiting asks this again and again while answers arrive, so `look` keeps who was
+    /// pending: while the subscribers stay the same, only those are looked at again.
+    pub(super) fn answered(
+        &self,
+        worker: &WorkerName,
+        revision: Revision,
+        look: &mut Look,
+        now: Instant,
+    ) -> Option<Propagation> {
         let state = lock(&self.state);
-        let members = members(&state, self.remember, |filter| filter.matches(worker));
-        let (mut acked, mut pending, mut failed) = (Vec::new(), Vec::new(), Vec::new());
-        for (consumer, member) in &members {
-            let answer = state.acks.get(*consumer).and_then(|a| a.get(worker));
-            let transport = member.info.transport;
-            let consumer_id = (*consumer).clone();
-            match answer {
-                Some(a) if a.applied >= revision => acked.push(Acked {
-                    consumer_id,
-                    transport,
-                    revision: a.applied,
-                    latency_ms: a.latency_ms,
-                }),
-                Some(AckState {
-                    failed: Some((at, reason)),
-                    ..
-                }) if *at >= revision => failed.push(Failed {
-                    consumer_id,
-                    transport,
-                    revision: *at,
-                    reason: reason.clone(),
-                }),
-                _ => pending.push(Pending {
-                    consumer_id,
-                    transport,
-                    connected: member.connected,
-                    delivered: member.delivered >= revision,
-                }),
-            }
-        }
-        let state = if !pending.is_empty() {
-            PropagationState::Pending
-        } else if !failed.is_empty() {
-            PropagationState::Failed
+        if look.membership == Some(state.membership) {
+            look.pending.retain(|consumer| {
+                state.counts(consumer, now, self.remember)
+                    && matches!(answer(&state, consumer, worker, revision), Answer::Pending)
+            });
         } else {
-            PropagationState::Complete
-        };
-        Propagation {
-            revision,
-            state,
-            subscribers: members.len(),
-            acked,
-            pending,
-            failed,
+            look.membership = Some(state.membership);
+            look.pending = members(&state, self.remember, now, |filter| filter.matches(worker))
+                .into_keys()
+                .filter(|consumer| {
+                    matches!(answer(&state, consumer, worker, revision), Answer::Pending)
+                })
+                .cloned()
+                .collect();
         }
+        look.pending
+            .is_empty()
+            .then(|| propagation_of(&state, self.remember, now, worker, revision))
     }
 
     /// Every live subscription, then every recently departed consumer. `latest(filter)` gives
@@ -458,12 +467,89 @@ impl Tracker {
     }
 }
 
+/// A consumer's answer about `revision` of `worker`.
+enum Answer<'a> {
+    /// It holds that revision or a later one.
+    Applied(&'a AckState),
+    /// It could not apply that revision or a later one, for this reason.
+    Failed(Revision, &'a str),
+    /// Neither yet.
+    Pending,
+}
+
+fn answer<'a>(
+    state: &'a TrackerState,
+    consumer: &ConsumerId,
+    worker: &WorkerName,
+    revision: Revision,
+) -> Answer<'a> {
+    match state.acks.get(consumer).and_then(|a| a.get(worker)) {
+        Some(a) if a.applied >= revision => Answer::Applied(a),
+        Some(AckState {
+            failed: Some((at, reason)),
+            ..
+        }) if *at >= revision => Answer::Failed(*at, reason),
+        _ => Answer::Pending,
+    }
+}
+
+fn propagation_of(
+    state: &TrackerState,
+    remember: Duration,
+    now: Instant,
+    worker: &WorkerName,
+    revision: Revision,
+) -> Propagation {
+    let members = members(state, remember, now, |filter| filter.matches(worker));
+    let (mut acked, mut pending, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    for (consumer, member) in &members {
+        let transport = member.info.transport;
+        let consumer_id = (*consumer).clone();
+        match answer(state, consumer, worker, revision) {
+            Answer::Applied(a) => acked.push(Acked {
+                consumer_id,
+                transport,
+                revision: a.applied,
+                latency_ms: a.latency_ms,
+            }),
+            Answer::Failed(at, reason) => failed.push(Failed {
+                consumer_id,
+                transport,
+                revision: at,
+                reason: reason.to_owned(),
+            }),
+            Answer::Pending => pending.push(Pending {
+                consumer_id,
+                transport,
+                connected: member.connected,
+                delivered: member.delivered >= revision,
+            }),
+        }
+    }
+    let state = if !pending.is_empty() {
+        PropagationState::Pending
+    } else if !failed.is_empty() {
+        PropagationState::Failed
+    } else {
+        PropagationState::Complete
+    };
+    Propagation {
+        revision,
+        state,
+        subscribers: members.len(),
+        acked,
+        pending,
+        failed,
+    }
+}
+
 /// The current subscribers passing `matches`, one per consumer id: its live subscriptions
 /// (the furthest delivered counts), or, without one, its last subscription if it left less
-/// than `remember` ago.
+/// than `remember` before `now`.
 fn members<'a>(
     state: &'a TrackerState,
     remember: Duration,
+    now: Instant,
     matches: impl Fn(&WorkerFilter) -> bool,
 ) -> BTreeMap<&'a ConsumerId, Member<'a>> {
     let mut members: BTreeMap<&ConsumerId, Member<'_>> = BTreeMap::new();
@@ -479,7 +565,7 @@ fn members<'a>(
             });
     }
     for (consumer, departed) in &state.departed {
-        if departed.at.elapsed() < remember && matches(&departed.info.filter) {
+        if now.duration_since(departed.at) < remember && matches(&departed.info.filter) {
             members.entry(consumer).or_insert(Member {
                 info: &departed.info,
                 connected: false,
@@ -558,6 +644,61 @@ mod tests {
         assert_eq!(state.departures.len(), 1);
         tracker.forget_old(&mut state, second + REMEMBER);
         assert!(!state.knows(&consumer) && state.acks.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_counts_a_subscriber_that_joins_between_looks() {
+        let tracker = Tracker::new(REMEMBER);
+        let worker = WorkerName::parse("app").unwrap();
+        let (a, b) = (info(1, "edge/a"), info(2, "edge/b"));
+        let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
+        tracker.subscribed(a);
+        let mut look = Look::default();
+        assert!(
+            tracker
+                .answered(&worker, 1, &mut look, Instant::now())
+                .is_none()
+        );
+
+        tracker.subscribed(b);
+        assert!(ack(&tracker, &consumer_a));
+        assert!(
+            tracker
+                .answered(&worker, 1, &mut look, Instant::now())
+                .is_none()
+        );
+        assert_eq!(look.pending, std::slice::from_ref(&consumer_b));
+        assert!(ack(&tracker, &consumer_b));
+        let done = tracker
+            .answered(&worker, 1, &mut look, Instant::now())
+            .unwrap();
+        assert_eq!(
+            (done.state, done.acked.len()),
+            (PropagationState::Complete, 2)
+        );
+    }
+
+    #[test]
+    fn a_waiter_stops_counting_a_departed_consumer_once_remember_has_passed() {
+        let tracker = Tracker::new(REMEMBER);
+        let worker = WorkerName::parse("app").unwrap();
+        let (a, b) = (info(1, "edge/a"), info(2, "edge/b"));
+        let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
+        tracker.subscribed(a);
+        tracker.subscribed(b);
+        tracker.unsubscribed(1);
+        let left = departed_at(&tracker, &consumer_a).unwrap();
+        assert!(ack(&tracker, &consumer_b));
+
+        let mut look = Look::default();
+        assert!(tracker.answered(&worker, 1, &mut look, left).is_none());
+        assert_eq!(look.pending, [consumer_a]);
+        // No subscription started or ended since: only the pending consumer is looked at again.
+        let done = tracker
+            .answered(&worker, 1, &mut look, left + REMEMBER)
+            .unwrap();
+        assert_eq!(done.subscribers, 1);
+        assert_eq!(done.acked[0].consumer_id, consumer_b);
     }
 
     #[test]
