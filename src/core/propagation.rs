@@ -646,43 +646,39 @@ mod tests {
         assert!(!state.knows(&consumer) && state.acks.is_empty());
     }
 
+    /// A tracker, the worker `app`, and consumers `edge/a` and `edge/b` (not yet subscribed).
+    fn app_and_two_edges() -> (
+        Tracker,
+        WorkerName,
+        Arc<SubscriberInfo>,
+        Arc<SubscriberInfo>,
+    ) {
+        let worker = WorkerName::parse("app").unwrap();
+        let tracker = Tracker::new(REMEMBER);
+        (tracker, worker, info(1, "edge/a"), info(2, "edge/b"))
+    }
+
     #[test]
     fn a_waiter_counts_a_subscriber_that_joins_between_looks() {
-        let tracker = Tracker::new(REMEMBER);
-        let worker = WorkerName::parse("app").unwrap();
-        let (a, b) = (info(1, "edge/a"), info(2, "edge/b"));
+        let (tracker, worker, a, b) = app_and_two_edges();
         let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
-        tracker.subscribed(a);
         let mut look = Look::default();
-        assert!(
-            tracker
-                .answered(&worker, 1, &mut look, Instant::now())
-                .is_none()
-        );
+        let mut answered = || tracker.answered(&worker, 1, &mut look, Instant::now());
+        tracker.subscribed(a);
+        assert!(answered().is_none());
 
         tracker.subscribed(b);
         assert!(ack(&tracker, &consumer_a));
-        assert!(
-            tracker
-                .answered(&worker, 1, &mut look, Instant::now())
-                .is_none()
-        );
-        assert_eq!(look.pending, std::slice::from_ref(&consumer_b));
+        assert!(answered().is_none(), "edge/b joined and has not answered");
         assert!(ack(&tracker, &consumer_b));
-        let done = tracker
-            .answered(&worker, 1, &mut look, Instant::now())
-            .unwrap();
-        assert_eq!(
-            (done.state, done.acked.len()),
-            (PropagationState::Complete, 2)
-        );
+        let done = answered().unwrap();
+        assert_eq!(done.state, PropagationState::Complete);
+        assert_eq!(done.acked.len(), 2);
     }
 
     #[test]
     fn a_waiter_stops_counting_a_departed_consumer_once_remember_has_passed() {
-        let tracker = Tracker::new(REMEMBER);
-        let worker = WorkerName::parse("app").unwrap();
-        let (a, b) = (info(1, "edge/a"), info(2, "edge/b"));
+        let (tracker, worker, a, b) = app_and_two_edges();
         let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
         tracker.subscribed(a);
         tracker.subscribed(b);
