@@ -1034,7 +1034,6 @@ async fn a_health_watcher_hears_not_serving_and_does_not_hold_the_drain() {
         );
 
         sigterm(&server);
-        let started = Instant::now();
         let told = tokio::time::timeout(GRACE, watch.message())
             .await
             .expect("NOT_SERVING within the grace period");
@@ -1042,16 +1041,14 @@ async fn a_health_watcher_hears_not_serving_and_does_not_hold_the_drain() {
         let ended = tokio::time::timeout(GRACE, watch.message())
             .await
             .expect("the watch ended within the grace period");
-        assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
+        // Ended by the server's drain, not cut off when the grace period ran out.
+        let ended = ended.unwrap_err();
+        assert_eq!(
+            (ended.code(), ended.message()),
+            (tonic::Code::Unavailable, "server shutting down")
+        );
         let (_server, exit, _) = terminate(server).await;
         assert!(exit.success(), "{exit:?}");
-        started.elapsed()
     };
-    let drains = futures_util::future::join_all((0..4).map(watched)).await;
-    for took in drains {
-        assert!(
-            took < GRACE / 2,
-            "a health watcher held the drain for {took:?}"
-        );
-    }
+    futures_util::future::join_all((0..4).map(watched)).await;
 }
