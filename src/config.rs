@@ -323,6 +323,11 @@ pub struct BenchArgs {
     /// after reconnecting starts) before counting what is missing as lost.
     #[arg(long, env = "BENCH_DEADLINE", default_value = "30s", value_parser = parse_duration)]
     pub deadline: Duration,
+    /// Subscribers acknowledge every change they hold, as edge hosts do once they run it, and
+    /// each hook request waits up to this long for all of them (`?wait=`, at most 60s): the
+    /// `acked_*` figures are then from each hook request to its answer. Fanout and bundle only.
+    #[arg(long, env = "BENCH_WAIT", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
     /// Start a core on this machine (this binary, `serve --dev` on loopback ports in a temp
     /// dir) and also report its memory per idle subscriber and CPU per delivery.
     #[arg(long)]

@@ -26,6 +26,11 @@ const FIELDS: &[&str] = &[
     "max_us",
     "all_held_p50_us",
     "all_held_max_us",
+    "wait_ms",
+    "acked_p50_us",
+    "acked_p99_us",
+    "acked_max_us",
+    "not_acked",
     "deliveries",
     "expected",
     "lost",
@@ -45,6 +50,20 @@ const FIELDS: &[&str] = &[
     "open_file_limit",
     "machine",
 ];
+
+/// Figures only a run with `--wait` has.
+const WAIT_FIELDS: &[&str] = &[
+    "wait_ms",
+    "acked_p50_us",
+    "acked_p99_us",
+    "acked_max_us",
+    "not_acked",
+];
+
+/// Whether a run without `--wait` measures `field` when it spawns its core.
+fn measured_without_wait(field: &str) -> bool {
+    field != "r" && !WAIT_FIELDS.contains(&field)
+}
 
 /// Runs `workerpush bench --spawn --json ARGS` and answers (exit code, stdout, stderr).
 fn bench(args: &[&str]) -> (Option<i32>, String, String) {
@@ -93,8 +112,15 @@ fn fanout_to_50_subscribers_loses_nothing_and_reports_every_field() {
     assert_eq!(report["deliveries"], 1000);
     assert_eq!(report["r"], Value::Null, "closed loop has no rate");
     // With a spawned core every figure is measured.
-    for field in FIELDS.iter().filter(|f| **f != "r") {
+    for field in FIELDS.iter().filter(|f| measured_without_wait(f)) {
         assert_ne!(report[*field], Value::Null, "{field} is null in {report}");
+    }
+    for field in WAIT_FIELDS {
+        assert_eq!(
+            report[*field],
+            Value::Null,
+            "{field} without --wait in {report}"
+        );
     }
     assert!(report["p50_us"].as_u64() <= report["p99_us"].as_u64());
     assert!(report["p99_us"].as_u64() <= report["max_us"].as_u64());
@@ -139,8 +165,40 @@ fn fanout_over_quic_loses_nothing() {
     let report = report(&["--transport", "quic", "-n", "50", "-m", "20"]);
     assert_eq!(report["transport"], "quic");
     assert_eq!(report["deliveries"], 1000);
-    for field in FIELDS.iter().filter(|f| **f != "r") {
+    for field in FIELDS.iter().filter(|f| measured_without_wait(f)) {
         assert_ne!(report[*field], Value::Null, "{field} is null in {report}");
+    }
+}
+
+#[test]
+fn with_wait_every_change_is_answered_once_every_subscriber_acknowledged() {
+    let report = report(&["-n", "20", "-m", "10", "--wait", "30s"]);
+    assert_eq!(report["wait_ms"], 30_000);
+    assert_eq!(report["not_acked"], 0, "{report}");
+    let figure = |field: &str| {
+        report[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} in {report}"))
+    };
+    assert!(figure("acked_p50_us") <= figure("acked_p99_us"));
+    assert!(figure("acked_p99_us") <= figure("acked_max_us"));
+    // A change is answered only after its last subscriber held it (and said so); the two
+    // figures come from different clocks read a microsecond apart, hence the slack.
+    assert!(
+        figure("acked_max_us") + 1_000 >= figure("all_held_max_us"),
+        "{report}"
+    );
+}
+
+#[test]
+fn wait_is_refused_for_the_storm_and_beyond_the_hooks_limit() {
+    for args in [
+        &["--scenario", "storm", "--wait", "5s"][..],
+        &["--wait", "61s"][..],
+    ] {
+        let (code, _, stderr) = bench(args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("--wait"), "{args:?}: {stderr}");
     }
 }
 

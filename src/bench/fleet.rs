@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::ledger::{Ledger, unix_ns};
 use crate::{
     client::{ClientError, Position, Session, Transport, UpdateStream, verify},
-    pb::{FetchWorkerRequest, SubscribeRequest, UpdateKind, WorkerUpdate},
+    pb::{AckRequest, FetchWorkerRequest, SubscribeRequest, UpdateKind, WorkerUpdate},
 };
 
 /// Makes a subscriber's transport to `host:port` with its TLS configuration.
@@ -53,6 +53,9 @@ pub struct FleetConfig {
     pub connect_slots: Arc<Semaphore>,
     /// The run.
     pub ledger: Arc<Ledger>,
+    /// Acknowledge every change of the run once it is held, as an edge host does once it
+    /// runs the code.
+    pub ack: bool,
 }
 
 impl FleetConfig {
@@ -403,6 +406,17 @@ impl Subscriber {
             self.tally
                 .latencies_us
                 .push(u32::try_from(latency / 1_000).unwrap_or(u32::MAX));
+        }
+        if self.config.ack {
+            session
+                .ack(AckRequest {
+                    consumer_id: self.consumer_id.clone(),
+                    worker_name: update.worker_name.clone(),
+                    revision: update.revision,
+                    applied: true,
+                    error: String::new(),
+                })
+                .await?;
         }
         if self.tally.received as usize == ledger.changes() {
             self.tally.completed_after = Some(self.started.elapsed());

@@ -110,6 +110,8 @@ struct Plan {
     workers: usize,
     connect_concurrency: usize,
     deadline: Duration,
+    /// Subscribers acknowledge, and each hook request waits this long for all of them.
+    wait: Option<Duration>,
     /// `None`: spawn a core.
     remote: Option<Endpoints>,
 }
@@ -134,6 +136,21 @@ impl Plan {
         }
         if args.connect_concurrency == 0 {
             return bad("--connect-concurrency must be at least 1".to_owned());
+        }
+        match args.wait {
+            Some(wait) if wait > crate::http::MAX_WAIT => {
+                return bad(format!(
+                    "--wait is at most {}s, the hook's limit",
+                    crate::http::MAX_WAIT.as_secs()
+                ));
+            }
+            Some(_) if args.scenario == BenchScenario::Storm => {
+                return bad(
+                    "--wait is for fanout and bundle: the storm publishes while nobody listens"
+                        .to_owned(),
+                );
+            }
+            _ => {}
         }
         let pace = match (args.rate, args.in_flight) {
             (Some(_), Some(_)) => {
@@ -191,6 +208,7 @@ impl Plan {
             workers: args.workers,
             connect_concurrency: args.connect_concurrency,
             deadline: args.deadline,
+            wait: args.wait,
             remote,
         })
     }
@@ -234,6 +252,13 @@ impl Plan {
             max_us: None,
             all_held_p50_us: None,
             all_held_max_us: None,
+            wait_ms: self
+                .wait
+                .map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+            acked_p50_us: None,
+            acked_p99_us: None,
+            acked_max_us: None,
+            not_acked: None,
             deliveries: 0,
             expected: 0,
             lost: 0,
@@ -308,11 +333,13 @@ async fn measure(
         identity: endpoints.identity()?,
         connect_slots: Arc::new(Semaphore::new(plan.connect_concurrency)),
         ledger: ledger.clone(),
+        ack: plan.wait.is_some(),
     });
     let publisher = Arc::new(Publisher::new(
         endpoints.hook.clone(),
         &endpoints.hook_secret,
         plan.size,
+        plan.wait,
     )?);
     let mut report = plan.report(open_file_limit);
     if plan.scenario == BenchScenario::Storm {
@@ -410,11 +437,18 @@ async fn fanout(
 ) -> Result<Measured, BenchError> {
     let start = sample();
     let publishing = unix_ns();
-    let published = publish_all(publisher, ledger.clone(), plan.pace).await;
+    let mut published = publish_all(publisher, ledger.clone(), plan.pace).await;
     report.publish_secs = published.elapsed.as_secs_f64();
     if let Err(error) = published.check() {
         fleet.stop().await;
         return Err(error);
+    }
+    if plan.wait.is_some() {
+        let acked = Spread::of(&mut published.acked_us);
+        report.acked_p50_us = acked.map(|s| s.p50);
+        report.acked_p99_us = acked.map(|s| s.p99);
+        report.acked_max_us = acked.map(|s| s.max);
+        report.not_acked = Some(published.not_acked);
     }
     fleet.complete(Instant::now() + plan.deadline).await;
     let end = sample();

@@ -11,12 +11,14 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::CONTENT_TYPE;
+use serde::Deserialize;
 use tokio::task::JoinSet;
 
 use super::{
     BenchError,
     ledger::{self, Ledger},
 };
+use crate::core::PropagationState;
 use crate::http::{
     hook::{Accepted, Action, Metadata},
     signing::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign},
@@ -56,12 +58,30 @@ pub struct Published {
     pub errors: Vec<String>,
     /// From the first request to the last answer.
     pub elapsed: Duration,
+    /// Waiting publishers: per change answered with every subscriber acknowledged, the time
+    /// from its request to the answer, µs.
+    pub acked_us: Vec<u64>,
+    /// Waiting publishers: changes answered with someone still pending.
+    pub not_acked: u64,
 }
 
+/// What the answer to an accepted change said, with a wait: whether every subscriber had
+/// acknowledged it, and how long after the request it came.
+type Waited = Option<(bool, Duration)>;
+
 impl Published {
-    fn merge(&mut self, result: Result<u64, String>) {
+    fn merge(&mut self, result: Result<Waited, String>) {
         match result {
-            Ok(_) => self.accepted += 1,
+            Ok(waited) => {
+                self.accepted += 1;
+                match waited {
+                    Some((true, took)) => self
+                        .acked_us
+                        .push(u64::try_from(took.as_micros()).unwrap_or(u64::MAX)),
+                    Some((false, _)) => self.not_acked += 1,
+                    None => {}
+                }
+            }
             Err(error) => {
                 self.failed += 1;
                 if self.errors.len() < 5 {
@@ -92,11 +112,31 @@ pub struct Publisher {
     secret: Arc<[u8]>,
     /// `size` bytes of filler the header is written over.
     filler: Bytes,
+    waits: bool,
+}
+
+/// The part of a waiting hook request's answer the publisher reads.
+#[derive(Deserialize)]
+struct AnswerAfterWait {
+    #[serde(flatten)]
+    accepted: Accepted,
+    propagation: PropagationSeen,
+}
+
+#[derive(Deserialize)]
+struct PropagationSeen {
+    state: PropagationState,
 }
 
 impl Publisher {
-    /// A publisher to the hook at `url`, making code of `size` bytes.
-    pub fn new(url: reqwest::Url, secret: &str, size: usize) -> Result<Self, BenchError> {
+    /// A publisher to the hook at `url`, making code of `size` bytes; with `wait`, each
+    /// request asks the hook to answer once every subscriber acknowledged (or `wait` passed).
+    pub fn new(
+        url: reqwest::Url,
+        secret: &str,
+        size: usize,
+        wait: Option<Duration>,
+    ) -> Result<Self, BenchError> {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(256)
@@ -106,11 +146,17 @@ impl Publisher {
         // Lines of a JavaScript comment, so that the code is at least plausible.
         let line = format!("//{}\n", "-".repeat(61));
         let filler: Vec<u8> = line.bytes().cycle().take(size.max(MIN_SIZE)).collect();
+        let mut url = url;
+        if let Some(wait) = wait {
+            url.query_pairs_mut()
+                .append_pair("wait", &format!("{}ms", wait.as_millis()));
+        }
         Ok(Self {
             http,
             url,
             secret: Arc::from(secret.as_bytes()),
             filler: Bytes::from(filler),
+            waits: wait.is_some(),
         })
     }
 
@@ -128,7 +174,7 @@ impl Publisher {
 
     /// Publishes change `index`; answers its revision. The send time is stamped into the
     /// ledger after the body is built and signed, just before the request goes out.
-    pub async fn publish(&self, ledger: &Ledger, index: usize) -> Result<u64, String> {
+    pub async fn publish(&self, ledger: &Ledger, index: usize) -> Result<Waited, String> {
         let version = ledger.version(index);
         self.send(ledger.worker(index), version, || ledger.mark_sent(index))
             .await
@@ -137,7 +183,7 @@ impl Publisher {
     /// Publishes a change that is not one of the run's (subscribers ignore it), so that the
     /// log is not empty: resuming from revision 0 means "fresh", which would answer the storm's
     /// reconnects with a snapshot instead of a replay.
-    pub async fn publish_seed(&self, ledger: &Ledger) -> Result<u64, String> {
+    pub async fn publish_seed(&self, ledger: &Ledger) -> Result<Waited, String> {
         self.send(ledger.worker(0), ledger.seed_version(), || {})
             .await
     }
@@ -147,7 +193,7 @@ impl Publisher {
         worker_name: String,
         version: String,
         mark_sent: impl FnOnce(),
-    ) -> Result<u64, String> {
+    ) -> Result<Waited, String> {
         let metadata = Metadata {
             worker_name,
             version: Some(version.clone()),
@@ -166,6 +212,7 @@ impl Publisher {
             .header(SIGNATURE_HEADER, signature)
             .body(body);
         mark_sent();
+        let sent = Instant::now();
         let response = request
             .send()
             .await
@@ -175,14 +222,18 @@ impl Publisher {
             let text = response.text().await.unwrap_or_default();
             return Err(format!("{version}: {status}: {}", text.trim()));
         }
-        let accepted: Accepted = response
-            .json()
-            .await
-            .map_err(|e| format!("{version}: unexpected answer: {e}"))?;
+        let unexpected = |e: reqwest::Error| format!("{version}: unexpected answer: {e}");
+        let (accepted, waited) = if self.waits {
+            let answer: AnswerAfterWait = response.json().await.map_err(unexpected)?;
+            let complete = answer.propagation.state == PropagationState::Complete;
+            (answer.accepted, Some((complete, sent.elapsed())))
+        } else {
+            (response.json().await.map_err(unexpected)?, None)
+        };
         if !accepted.created {
             return Err(format!("{version}: the core already had this version"));
         }
-        Ok(accepted.revision)
+        Ok(waited)
     }
 }
 
@@ -245,6 +296,7 @@ mod tests {
             reqwest::Url::parse("http://127.0.0.1:1/").unwrap(),
             "s",
             1000,
+            None,
         )
         .unwrap();
         let a = publisher.code("b0000abcd-1");
@@ -254,9 +306,14 @@ mod tests {
         assert_eq!(a[HEADER_BYTES - 1], b'\n');
         assert_ne!(a, b, "every version has its own checksum");
         assert_eq!(a[HEADER_BYTES..], b[HEADER_BYTES..]);
-        let small = Publisher::new(reqwest::Url::parse("http://h/").unwrap(), "s", MIN_SIZE)
-            .unwrap()
-            .code("v");
+        let small = Publisher::new(
+            reqwest::Url::parse("http://h/").unwrap(),
+            "s",
+            MIN_SIZE,
+            None,
+        )
+        .unwrap()
+        .code("v");
         assert_eq!(small.len(), MIN_SIZE);
     }
 }

@@ -72,6 +72,18 @@ pub struct Report {
     pub all_held_p50_us: Option<u64>,
     /// Per change, from its hook request until the last subscriber held it: largest, µs.
     pub all_held_max_us: Option<u64>,
+    /// `--wait`: how long each hook request waited for every subscriber to acknowledge, ms;
+    /// otherwise null, like the other `acked` figures.
+    pub wait_ms: Option<u64>,
+    /// Per change, from its hook request until its answer said every subscriber had
+    /// acknowledged it: median, µs.
+    pub acked_p50_us: Option<u64>,
+    /// The same, 99th percentile, µs.
+    pub acked_p99_us: Option<u64>,
+    /// The same, largest, µs.
+    pub acked_max_us: Option<u64>,
+    /// Changes whose answer came at the end of the wait with someone still pending (must be 0).
+    pub not_acked: Option<u64>,
     /// (subscriber, change) pairs received and verified.
     pub deliveries: u64,
     /// N × M.
@@ -138,6 +150,11 @@ impl Report {
                 self.verify_failures
             ));
         }
+        if let Some(not_acked) = self.not_acked.filter(|&n| n > 0) {
+            problems.push(format!(
+                "{not_acked} changes not acknowledged by every subscriber within the wait"
+            ));
+        }
         problems
     }
 
@@ -181,6 +198,18 @@ impl Report {
                 "  until every subscriber held a change: p50 {}  max {}",
                 us(p50),
                 us(max)
+            );
+        }
+        if let (Some(p50), Some(p99), Some(max)) =
+            (self.acked_p50_us, self.acked_p99_us, self.acked_max_us)
+        {
+            let _ = writeln!(
+                out,
+                "  hook request -> answer after every subscriber acknowledged: p50 {}  p99 {}  max {}; not acknowledged {}",
+                us(p50),
+                us(p99),
+                us(max),
+                self.not_acked.unwrap_or(0)
             );
         }
         let _ = writeln!(

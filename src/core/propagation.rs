@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
@@ -43,7 +43,7 @@ pub struct Propagation {
 }
 
 /// The overall state of a [`Propagation`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PropagationState {
     /// Every current subscriber holds the revision (also when there are none).
