@@ -140,7 +140,7 @@ impl Publisher {
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(256)
-            .timeout(Duration::from_secs(60))
+            .timeout(Duration::from_secs(60) + wait.unwrap_or_default())
             .build()
             .map_err(|e| BenchError::Config(format!("HTTP client: {e}")))?;
         // Lines of a JavaScript comment, so that the code is at least plausible.
@@ -172,8 +172,9 @@ impl Publisher {
         code.freeze()
     }
 
-    /// Publishes change `index`; answers its revision. The send time is stamped into the
-    /// ledger after the body is built and signed, just before the request goes out.
+    /// Publishes change `index`; answers what the hook said of the wait, if it waited. The
+    /// send time is stamped into the ledger after the body is built and signed, just before
+    /// the request goes out.
     pub async fn publish(&self, ledger: &Ledger, index: usize) -> Result<Waited, String> {
         let version = ledger.version(index);
         self.send(ledger.worker(index), version, || ledger.mark_sent(index))
