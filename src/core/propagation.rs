@@ -477,6 +477,7 @@ enum Answer<'a> {
     Pending,
 }
 
+/// What `consumer` last said about `worker`, as it bears on `revision`.
 fn answer<'a>(
     state: &'a TrackerState,
     consumer: &ConsumerId,
@@ -493,6 +494,7 @@ fn answer<'a>(
     }
 }
 
+/// Where `revision` of `worker` stands in `state`, departures counted against `now`.
 fn propagation_of(
     state: &TrackerState,
     remember: Duration,
