@@ -182,6 +182,13 @@ struct Departed {
     at: Instant,
 }
 
+impl Departed {
+    /// Whether it still counts at `now`: it left less than `remember` before.
+    fn remembered(&self, now: Instant, remember: Duration) -> bool {
+        now.duration_since(self.at) < remember
+    }
+}
+
 #[derive(Default)]
 struct TrackerState {
     live: BTreeMap<u64, Arc<SubscriberInfo>>,
@@ -209,7 +216,7 @@ impl TrackerState {
             || self
                 .departed
                 .get(consumer)
-                .is_some_and(|d| now.duration_since(d.at) < remember)
+                .is_some_and(|d| d.remembered(now, remember))
     }
 }
 
@@ -409,6 +416,7 @@ impl Tracker {
         latest: impl Fn(&WorkerFilter) -> Vec<(WorkerName, Revision)>,
     ) -> Vec<ConsumerStatus> {
         let state = lock(&self.state);
+        let now = Instant::now();
         let describe = |info: &Arc<SubscriberInfo>, connected: bool| {
             let answers = state.acks.get(&info.consumer_id);
             let answer = |worker: &WorkerName| answers.and_then(|a| a.get(worker));
@@ -458,7 +466,7 @@ impl Tracker {
         let mut departed: Vec<_> = state
             .departed
             .values()
-            .filter(|d| d.at.elapsed() < self.remember)
+            .filter(|d| d.remembered(now, self.remember))
             .map(|d| describe(&d.info, false))
             .collect();
         departed.sort_by(|a, b| a.consumer_id.cmp(&b.consumer_id));
@@ -567,7 +575,7 @@ fn members<'a>(
             });
     }
     for (consumer, departed) in &state.departed {
-        if now.duration_since(departed.at) < remember && matches(&departed.info.filter) {
+        if departed.remembered(now, remember) && matches(&departed.info.filter) {
             members.entry(consumer).or_insert(Member {
                 info: &departed.info,
                 connected: false,
