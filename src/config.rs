@@ -123,6 +123,62 @@ pub struct CoreArgs {
     /// Streams (subscriptions and fetches) one client identity may hold at once, per transport.
     #[arg(long, env = "MAX_STREAMS_PER_IDENTITY", default_value_t = 512, value_parser = at_least_one)]
     pub max_streams_per_identity: usize,
+    /// Bounds on what one client can make the core hold.
+    #[command(flatten)]
+    pub bounds: BoundArgs,
+    /// How long a status page sign-in lasts (the session cookie's expiry); sign-out ends it
+    /// at once.
+    #[arg(long, env = "ADMIN_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub admin_session_ttl: Duration,
+}
+
+/// Bounds on what one authenticated client can make the core hold; each refusal is counted
+/// in `workerpush_limit_refusals_total{limit=…}`. Defaults: [`crate::core::Bounds::default`].
+#[derive(Debug, Args, Clone)]
+pub struct BoundArgs {
+    /// Distinct consumer ids (`identity`, `identity/suffix`) one certificate identity may
+    /// have, in the registry and among tracked subscriptions. Past it: RESOURCE_EXHAUSTED
+    /// (departed ones make room, oldest first).
+    #[arg(long, env = "MAX_CONSUMER_IDS_PER_IDENTITY", default_value_t = 1024, value_parser = at_least_one)]
+    pub max_consumer_ids_per_identity: usize,
+    /// Consumers remembered after they left; past it the oldest departure is forgotten.
+    #[arg(long, env = "MAX_DEPARTED_CONSUMERS", default_value_t = 10_000, value_parser = at_least_one)]
+    pub max_departed_consumers: usize,
+    /// Bytes departed consumers may hold (each distinct filter counted once); past it the
+    /// oldest departure is forgotten.
+    #[arg(long, env = "MAX_DEPARTED_BYTES", default_value_t = 16 << 20)]
+    pub max_departed_bytes: usize,
+    /// Worker names one subscription may list (at most 10,000, what any request may carry).
+    #[arg(long, env = "MAX_FILTER_NAMES", default_value_t = 10_000, value_parser = filter_names)]
+    pub max_filter_names: usize,
+    /// Labels one registration may carry.
+    #[arg(long, env = "MAX_LABELS", default_value_t = 64)]
+    pub max_labels: usize,
+    /// Bytes of one label key, and of one label value.
+    #[arg(long, env = "MAX_LABEL_BYTES", default_value_t = 1024)]
+    pub max_label_bytes: usize,
+    /// Bytes of one registration: endpoint, label keys and values together.
+    #[arg(long, env = "MAX_REGISTRATION_BYTES", default_value_t = 16 << 10)]
+    pub max_registration_bytes: usize,
+    /// Bytes of a registration's endpoint.
+    #[arg(long, env = "MAX_ENDPOINT_BYTES", default_value_t = 1024)]
+    pub max_endpoint_bytes: usize,
+}
+
+impl BoundArgs {
+    /// The core's bounds.
+    pub fn bounds(&self) -> crate::core::Bounds {
+        crate::core::Bounds {
+            consumer_ids_per_identity: self.max_consumer_ids_per_identity,
+            departed_consumers: self.max_departed_consumers,
+            departed_bytes: self.max_departed_bytes,
+            filter_names: self.max_filter_names,
+            labels: self.max_labels,
+            label_bytes: self.max_label_bytes,
+            registration_bytes: self.max_registration_bytes,
+            endpoint_bytes: self.max_endpoint_bytes,
+        }
+    }
 }
 
 /// Settings every server role takes.
@@ -160,6 +216,13 @@ pub struct CommonArgs {
     /// Requests a source address or token may make at once after a pause.
     #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
+    /// Authentication failures (401, any method) a source address may make per second on
+    /// average (0: no limit). Past it every request from it gets 429 with `Retry-After`.
+    #[arg(long, env = "AUTH_FAILURES_PER_SECOND", default_value_t = 1.0, value_parser = parse_rate)]
+    pub auth_failures_per_second: f64,
+    /// Authentication failures a source address may make at once after a pause.
+    #[arg(long, env = "AUTH_FAILURES_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_failures_burst: u32,
 }
 
 /// `workerpush upload`.
@@ -254,6 +317,15 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".to_owned()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
+/// A bound on filter names: at least 1, at most what a request may carry.
+fn filter_names(text: &str) -> Result<usize, String> {
+    let most = crate::core::types::MAX_FILTER_NAMES;
+    match at_least_one(text)? {
+        n if n > most => Err(format!("must be at most {most}")),
+        n => Ok(n),
     }
 }
 

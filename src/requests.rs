@@ -17,8 +17,8 @@ use std::{net::SocketAddr, sync::Arc};
 use crate::{
     acl::{AclStore, Rights, RightsGuard},
     core::{
-        Ack, Bundle, ConsumerId, Core, InvalidInput, RequestError, SubscribeParams, Version,
-        WorkerFilter, WorkerName,
+        Ack, Bundle, ConsumerId, Core, RequestError, SubscribeParams, Version, WorkerFilter,
+        WorkerName,
     },
     pb::{
         AckRequest, AckResponse, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse,
@@ -30,10 +30,6 @@ use crate::{
 /// Size of the chunks a fetch streams.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 
-/// Longest `endpoint` a registration may carry.
-const MAX_ENDPOINT_BYTES: usize = 1024;
-/// Most labels a registration may carry.
-const MAX_LABELS: usize = 64;
 /// Longest failure reason an ack keeps.
 const MAX_ACK_ERROR_BYTES: usize = 1024;
 
@@ -147,9 +143,7 @@ pub async fn register(
     request: RegisterRequest,
 ) -> Result<RegisterResponse, RequestError> {
     let consumer_id = ConsumerId::authorize(caller.identity, &request.consumer_id)?;
-    if request.endpoint.len() > MAX_ENDPOINT_BYTES || request.labels.len() > MAX_LABELS {
-        return Err(InvalidInput::Other("endpoint or labels too large".to_owned()).into());
-    }
+    // The endpoint and labels are bounded by the core (`Bounds`), for every transport.
     core.register(
         consumer_id.clone(),
         request.endpoint,
@@ -308,7 +302,8 @@ mod tests {
         let refused = register(&core, caller(), too_many_labels)
             .await
             .unwrap_err();
-        assert_eq!(code(&refused), ErrorCode::InvalidArgument);
+        assert_eq!(code(&refused), ErrorCode::ResourceExhausted);
+        assert!(refused.to_string().contains("--max-labels"), "{refused}");
         core.shutdown().await;
     }
 

@@ -124,6 +124,7 @@ impl SpawnedCore {
                 &(subscribers + 64).to_string(),
             ])
             .args(["--max-streams-per-identity", &max_streams.to_string()])
+            .args(["--max-consumer-ids-per-identity", &max_streams.to_string()])
             // The publisher is one address and one secret, as fast as the run asks.
             .args(["--rate-limit-per-second", "0"])
             .current_dir(&dir)

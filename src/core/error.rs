@@ -52,14 +52,21 @@ pub trait Coded: std::fmt::Display {
     }
 }
 
+/// What a worker name must be, as refusals say it.
+pub const WORKER_NAME_RULE: &str =
+    "a worker name must match ^[a-z0-9][a-z0-9_-]{0,62}$ and be at most 63 characters";
+/// What a version must be, as refusals say it.
+pub const VERSION_RULE: &str =
+    "a version must match ^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$ and be at most 64 characters";
+
 /// A request field that does not pass validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInput {
     /// See [`WorkerName`].
-    #[error("invalid worker name {0:?}: must match ^[a-z0-9][a-z0-9_-]{{0,62}}$")]
+    #[error("invalid worker name {0:?}: {WORKER_NAME_RULE}")]
     WorkerName(String),
     /// See [`Version`].
-    #[error("invalid version {0:?}: must match ^[0-9A-Za-z][0-9A-Za-z.+_-]{{0,63}}$")]
+    #[error("invalid version {0:?}: {VERSION_RULE}")]
     Version(String),
     /// Not 64 hex digits.
     #[error("invalid checksum {0:?}: must be 64 hex digits (SHA-256)")]

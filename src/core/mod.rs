@@ -8,6 +8,7 @@
 //! commit, a store hint, or a poll), so a change reaches subscribers only once durable, and
 //! changes committed by other cores sharing the store arrive the same way.
 
+pub mod bounds;
 pub mod error;
 pub mod hub;
 pub mod propagation;
@@ -29,6 +30,7 @@ use serde::Serialize;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+pub use bounds::{Bound, Bounds};
 pub use error::{Coded, ErrorCode, InvalidInput, PublishError, RequestError};
 pub use propagation::{
     Acked, ConsumerStatus, Failed, Pending, Propagation, PropagationState, PropagationSummary,
@@ -70,6 +72,8 @@ pub struct CoreConfig {
     /// How long a consumer that disconnected still counts as a subscriber (pending) of the
     /// workers it followed, so that one resuming after a blip is waited for.
     pub remember_departed: Duration,
+    /// What one client can make the core hold (consumer ids, departures, labels, filters).
+    pub bounds: Bounds,
 }
 
 impl Default for CoreConfig {
@@ -82,6 +86,7 @@ impl Default for CoreConfig {
             progress_interval: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             remember_departed: Duration::from_secs(300),
+            bounds: Bounds::default(),
         }
     }
 }
@@ -201,7 +206,7 @@ pub struct Core {
     fresh_code: Mutex<HashMap<Checksum, Bytes>>,
     tracker: Arc<Tracker>,
     next_subscriber: AtomicU64,
-    registry: Mutex<HashMap<ConsumerId, ConsumerRecord>>,
+    registry: Mutex<Registry>,
     store_healthy: AtomicBool,
     follower: Mutex<Option<JoinHandle<()>>>,
     /// Wakes the follower to read the store now (a client is ahead of this core).
@@ -212,12 +217,7 @@ impl Core {
     /// Loads the durable state and starts following the store.
     pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Arc<Self>, StoreError> {
         let recovered = store.load().await?;
-        let registry = store
-            .consumers()
-            .await?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect();
+        let registry = Registry::of(store.consumers().await?);
         let retention = Retention {
             changes: config.retain_changes.max(1),
             bytes: config.retain_bytes,
@@ -229,7 +229,10 @@ impl Core {
             Vec::new(),
             retention,
         );
-        let tracker = Arc::new(Tracker::new(config.remember_departed));
+        let tracker = Arc::new(Tracker::new(
+            config.remember_departed,
+            config.bounds.clone(),
+        ));
         let core = Arc::new(Self {
             store,
             hub: Arc::new(empty),
@@ -424,24 +427,26 @@ impl Core {
         if self.is_shutting_down() {
             return Err(RequestError::ShuttingDown);
         }
+        self.config.bounds.check_filter(&params.filter)?;
+        let filter = self.tracker.intern(params.filter);
         let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(SubscriberInfo {
             id,
             consumer_id: params.consumer_id,
             transport: params.transport,
             remote: params.remote,
-            filter: params.filter.clone(),
+            filter: filter.clone(),
             since_ms: now_ms(),
             delivered: AtomicU64::new(0),
         });
-        self.tracker.subscribed(info.clone());
+        self.tracker.subscribed(info.clone())?;
         let tracker = self.tracker.clone();
         let transport = params.transport;
         metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
         let subscription = Subscription::new(
             self.hub.clone(),
             self.shutdown.clone(),
-            params.filter,
+            filter,
             params.resume,
             self.config.progress_interval,
             info,
@@ -556,7 +561,7 @@ impl Core {
         });
         let registry = lock(&self.registry);
         for consumer in &mut all {
-            if let Some(record) = registry.get(&consumer.consumer_id) {
+            if let Some(record) = registry.records.get(&consumer.consumer_id) {
                 consumer.endpoint.clone_from(&record.endpoint);
                 consumer.labels.clone_from(&record.labels);
             }
@@ -614,7 +619,8 @@ impl Core {
         }
     }
 
-    /// Records a consumer's registration.
+    /// Records a consumer's registration, within [`Bounds`]: its endpoint and labels, and
+    /// its identity's consumer ids.
     pub async fn register(
         &self,
         consumer_id: ConsumerId,
@@ -622,12 +628,12 @@ impl Core {
         labels: BTreeMap<String, String>,
         transport: &str,
     ) -> Result<(), RequestError> {
+        self.config.bounds.check_registration(&endpoint, &labels)?;
         let record = {
             let mut registry = lock(&self.registry);
             let now = now_ms();
-            let record = registry
-                .entry(consumer_id.clone())
-                .or_insert_with(|| new_record(consumer_id, now));
+            let limit = self.config.bounds.consumer_ids_per_identity;
+            let record = registry.entry(consumer_id, now, limit)?;
             record.endpoint = endpoint;
             record.labels = labels;
             record.transport = transport.to_owned();
@@ -638,20 +644,26 @@ impl Core {
         Ok(())
     }
 
-    /// Records an acknowledgement.
+    /// Records an acknowledgement. A consumer id new to the registry needs room under
+    /// [`Bounds::consumer_ids_per_identity`]; without it, the ack of a current subscriber
+    /// still counts for propagation (it is just not registered), anyone else's is refused.
     pub async fn ack(&self, ack: Ack, transport: &str) -> Result<(), RequestError> {
         let record = {
             let mut registry = lock(&self.registry);
             let now = now_ms();
-            let record = registry
-                .entry(ack.consumer_id.clone())
-                .or_insert_with(|| new_record(ack.consumer_id.clone(), now));
-            record.transport = transport.to_owned();
-            record.last_seen_ms = now;
-            if ack.applied {
-                record.last_acked_revision = record.last_acked_revision.max(ack.revision);
+            let limit = self.config.bounds.consumer_ids_per_identity;
+            match registry.entry(ack.consumer_id.clone(), now, limit) {
+                Ok(record) => {
+                    record.transport = transport.to_owned();
+                    record.last_seen_ms = now;
+                    if ack.applied {
+                        record.last_acked_revision = record.last_acked_revision.max(ack.revision);
+                    }
+                    Some(record.clone())
+                }
+                Err(refused) if !self.tracker.knows(&ack.consumer_id) => return Err(refused),
+                Err(_) => None,
             }
-            record.clone()
         };
         let outcome = if ack.applied { "applied" } else { "failed" };
         metrics::counter!("workerpush_acks_total", "outcome" => outcome).increment(1);
@@ -687,18 +699,20 @@ impl Core {
         }
         // Only what this ack says: the registration belongs to `register`, and with a shared
         // store another core may hold a newer one (stores merge; see `ConsumerRecord::absorb`).
-        let ack_only = ConsumerRecord {
-            endpoint: String::new(),
-            labels: BTreeMap::new(),
-            ..record
-        };
-        self.store.save_consumer(&ack_only).await?;
+        if let Some(record) = record {
+            let ack_only = ConsumerRecord {
+                endpoint: String::new(),
+                labels: BTreeMap::new(),
+                ..record
+            };
+            self.store.save_consumer(&ack_only).await?;
+        }
         Ok(())
     }
 
     /// Every consumer the registry knows.
     pub fn consumers(&self) -> Vec<ConsumerRecord> {
-        let mut all: Vec<_> = lock(&self.registry).values().cloned().collect();
+        let mut all: Vec<_> = lock(&self.registry).records.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
     }
@@ -845,6 +859,46 @@ fn status_of<P>(change: Change, propagation: P) -> WorkerStatus<P> {
         size: change.size,
         updated_ms: change.timestamp_ms,
         propagation,
+    }
+}
+
+/// The consumer registry, with how many consumer ids each identity has in it.
+struct Registry {
+    records: HashMap<ConsumerId, ConsumerRecord>,
+    ids: HashMap<Box<str>, usize>,
+}
+
+impl Registry {
+    fn of(records: Vec<ConsumerRecord>) -> Self {
+        let mut ids: HashMap<Box<str>, usize> = HashMap::new();
+        let records: HashMap<_, _> = records.into_iter().map(|r| (r.id.clone(), r)).collect();
+        for id in records.keys() {
+            *ids.entry(id.identity().into()).or_default() += 1;
+        }
+        Self { records, ids }
+    }
+
+    /// `consumer`'s record, made if it has none and its identity has fewer than `limit`.
+    fn entry(
+        &mut self,
+        consumer: ConsumerId,
+        now: i64,
+        limit: usize,
+    ) -> Result<&mut ConsumerRecord, RequestError> {
+        if !self.records.contains_key(&consumer) {
+            let identity = consumer.identity();
+            let count = self.ids.get(identity).copied().unwrap_or(0);
+            if count >= limit {
+                return Err(Bound::ConsumerIds.refuse(format_args!(
+                    "identity {identity:?} already has {count} consumer ids registered"
+                )));
+            }
+            self.ids.insert(identity.into(), count + 1);
+        }
+        Ok(self
+            .records
+            .entry(consumer.clone())
+            .or_insert_with(|| new_record(consumer, now)))
     }
 }
 

@@ -7,12 +7,18 @@
 //! consumer's latest acknowledgement per worker. It bumps a `watch` generation on every change
 //! of that state and of the hub, which both `?wait` and the live status page wait on.
 //!
+//! What it holds is proportional to the live subscriptions plus a bounded window
+//! ([`Bounds`]): consumer ids per identity, departures by count and by bytes (the oldest
+//! forgotten first), and filters stored once and shared by every subscription that asked for
+//! the same names.
+//!
 //! Transport-free, like the rest of the core: only `tokio::sync`.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    hash::{Hash, Hasher},
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex, Weak, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -20,10 +26,21 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
+    bounds::{Bound, Bounds},
+    error::RequestError,
     lock,
     subscription::SubscriberInfo,
     types::{ConsumerId, Revision, WorkerFilter, WorkerName},
 };
+
+/// Most filter names `/v1/consumers` lists per consumer; [`ConsumerStatus::worker_count`]
+/// gives the whole number, so the listing stays proportional to the consumers, not their
+/// filters.
+pub const LISTED_WORKERS: usize = 32;
+
+/// What a departed consumer's entry costs besides its filter: the maps' and the queue's
+/// entries, the subscription's fields, the id held twice.
+const DEPARTED_ENTRY_BYTES: usize = 256;
 
 /// Where one revision of a worker stands across the worker's current subscribers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -138,8 +155,10 @@ pub struct ConsumerStatus {
     pub transport: &'static str,
     /// The peer's address, if known.
     pub remote: Option<SocketAddr>,
-    /// The workers it follows (`None`: every worker).
+    /// The workers it follows (`None`: every worker), the first [`LISTED_WORKERS`] of them.
     pub workers: Option<Vec<WorkerName>>,
+    /// How many workers it follows by name (`None`: every worker).
+    pub worker_count: Option<usize>,
     /// Unix ms when the subscription started.
     pub since_ms: i64,
     /// The highest revision handed to its transport (updates and progress markers).
@@ -192,6 +211,15 @@ impl Departed {
 #[derive(Default)]
 struct TrackerState {
     live: BTreeMap<u64, Arc<SubscriberInfo>>,
+    /// How many distinct consumer ids (live or departed) each identity has.
+    ids: HashMap<Box<str>, usize>,
+    /// What the departed entries hold, each distinct filter counted once.
+    departed_bytes: usize,
+    /// The filters departed entries hold, by address, with how many hold each.
+    departed_filters: HashMap<usize, usize>,
+    /// Filters by a hash of their names, so that subscriptions asking for the same names
+    /// share one copy. Weak: a filter lives as long as a subscription (or departure) holds it.
+    interned: HashMap<u64, Weak<[WorkerName]>>,
     /// How many live subscriptions each consumer id has.
     connected: HashMap<ConsumerId, usize>,
     departed: HashMap<ConsumerId, Departed>,
@@ -208,6 +236,97 @@ struct TrackerState {
 impl TrackerState {
     fn knows(&self, consumer: &ConsumerId) -> bool {
         self.connected.contains_key(consumer) || self.departed.contains_key(consumer)
+    }
+
+    /// Remembers `info`'s consumer as departed at `at`.
+    fn depart(&mut self, info: Arc<SubscriberInfo>, at: Instant) {
+        let consumer = info.consumer_id.clone();
+        self.departed_bytes += DEPARTED_ENTRY_BYTES + 2 * consumer.as_str().len();
+        if let Some((address, bytes)) = filter_weight(&info.filter) {
+            let holders = self.departed_filters.entry(address).or_default();
+            if *holders == 0 {
+                self.departed_bytes += bytes;
+            }
+            *holders += 1;
+        }
+        self.departures.push_back((at, consumer.clone()));
+        if let Some(old) = self.departed.insert(consumer, Departed { info, at }) {
+            self.release(&old.info);
+        }
+    }
+
+    /// Takes `consumer` out of the departed (it came back, or is forgotten).
+    fn undepart(&mut self, consumer: &ConsumerId) -> Option<Departed> {
+        let departed = self.departed.remove(consumer)?;
+        self.release(&departed.info);
+        Some(departed)
+    }
+
+    /// Gives back what a departed entry was counted for.
+    fn release(&mut self, info: &SubscriberInfo) {
+        self.departed_bytes = self
+            .departed_bytes
+            .saturating_sub(DEPARTED_ENTRY_BYTES + 2 * info.consumer_id.as_str().len());
+        if let Some((address, bytes)) = filter_weight(&info.filter)
+            && let Some(holders) = self.departed_filters.get_mut(&address)
+        {
+            *holders -= 1;
+            if *holders == 0 {
+                self.departed_filters.remove(&address);
+                self.departed_bytes = self.departed_bytes.saturating_sub(bytes);
+            }
+        }
+    }
+
+    /// Forgets a departed consumer with its acknowledgements.
+    fn forget(&mut self, consumer: &ConsumerId) {
+        if self.undepart(consumer).is_none() {
+            return;
+        }
+        self.acks.remove(consumer);
+        let identity = consumer.identity();
+        if let Some(count) = self.ids.get_mut(identity) {
+            *count -= 1;
+            if *count == 0 {
+                self.ids.remove(identity);
+            }
+        }
+    }
+
+    /// Forgets the oldest departure of `identity`; `false` if it has none.
+    fn forget_oldest_of(&mut self, identity: &str) -> bool {
+        let oldest = self.departures.iter().position(|(at, consumer)| {
+            consumer.identity() == identity
+                && self.departed.get(consumer).is_some_and(|d| d.at == *at)
+        });
+        let Some(position) = oldest else {
+            return false;
+        };
+        if let Some((_, consumer)) = self.departures.remove(position) {
+            self.forget(&consumer);
+        }
+        true
+    }
+
+    /// Forgets the oldest departures while there are more, or they hold more, than `bounds`
+    /// allow.
+    fn forget_past(&mut self, bounds: &Bounds) {
+        loop {
+            let bound = if self.departed.len() > bounds.departed_consumers {
+                Bound::DepartedConsumers
+            } else if self.departed_bytes > bounds.departed_bytes {
+                Bound::DepartedBytes
+            } else {
+                return;
+            };
+            let Some((at, consumer)) = self.departures.pop_front() else {
+                return;
+            };
+            if self.departed.get(&consumer).is_some_and(|d| d.at == at) {
+                self.forget(&consumer);
+                bound.count();
+            }
+        }
     }
 
     /// Whether `consumer` is live, or left less than `remember` before `now`.
@@ -235,21 +354,62 @@ struct Member<'a> {
     delivered: Revision,
 }
 
+/// The address that identifies a filter's shared names, and the bytes they hold.
+fn filter_weight(filter: &WorkerFilter) -> Option<(usize, usize)> {
+    let names = filter.names()?;
+    let bytes = names
+        .iter()
+        .map(|name| std::mem::size_of::<WorkerName>() + 16 + name.as_str().len())
+        .sum();
+    Some((names.as_ptr() as usize, bytes))
+}
+
+fn names_hash(names: &[WorkerName]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    names.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// See the module docs.
 pub(super) struct Tracker {
     state: Mutex<TrackerState>,
     generation: watch::Sender<u64>,
     remember: Duration,
+    bounds: Bounds,
 }
 
 impl Tracker {
-    /// A tracker that counts a departed consumer for `remember` after it left.
-    pub(super) fn new(remember: Duration) -> Self {
+    /// A tracker that counts a departed consumer for `remember` after it left, within
+    /// `bounds`.
+    pub(super) fn new(remember: Duration, bounds: Bounds) -> Self {
         Self {
             state: Mutex::new(TrackerState::default()),
             generation: watch::Sender::new(0),
             remember,
+            bounds,
         }
+    }
+
+    /// `filter` with its names shared with an earlier subscription's that asked for the same
+    /// ones, if one still holds them.
+    pub(super) fn intern(&self, filter: WorkerFilter) -> WorkerFilter {
+        let Some(names) = filter.shared_names() else {
+            return filter;
+        };
+        let key = names_hash(names);
+        let mut state = lock(&self.state);
+        if let Some(existing) = state.interned.get(&key).and_then(Weak::upgrade)
+            && *existing == **names
+        {
+            return filter.with_names(existing);
+        }
+        let weak = Arc::downgrade(names);
+        state.interned.insert(key, weak);
+        let held = state.live.len() + state.departed.len();
+        if state.interned.len() > 2 * held + 64 {
+            state.interned.retain(|_, names| names.strong_count() > 0);
+        }
+        filter
     }
 
     /// A receiver that changes whenever subscriptions, acknowledgements or the hub change.
@@ -262,15 +422,31 @@ impl Tracker {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
-    pub(super) fn subscribed(&self, info: Arc<SubscriberInfo>) {
+    /// Counts a new subscription. A consumer id its identity has not used yet needs room
+    /// under [`Bounds::consumer_ids_per_identity`]: the identity's oldest departure is
+    /// forgotten to make it; with every one of its ids live, the subscription is refused.
+    pub(super) fn subscribed(&self, info: Arc<SubscriberInfo>) -> Result<(), RequestError> {
         {
             let mut state = lock(&self.state);
+            if !state.knows(&info.consumer_id) {
+                let identity = info.consumer_id.identity();
+                let limit = self.bounds.consumer_ids_per_identity;
+                if state.ids.get(identity).is_some_and(|n| *n >= limit)
+                    && !state.forget_oldest_of(identity)
+                {
+                    return Err(Bound::ConsumerIds.refuse(format_args!(
+                        "identity {identity:?} already has {limit} consumer ids subscribed"
+                    )));
+                }
+                *state.ids.entry(identity.into()).or_default() += 1;
+            }
             state.membership += 1;
-            state.departed.remove(&info.consumer_id);
+            state.undepart(&info.consumer_id);
             *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
             state.live.insert(info.id, info);
         }
         self.bump();
+        Ok(())
     }
 
     pub(super) fn unsubscribed(&self, id: u64) {
@@ -289,13 +465,11 @@ impl Tracker {
                     }
                 };
                 if left {
-                    let consumer = info.consumer_id.clone();
-                    let at = Instant::now();
-                    state.departures.push_back((at, consumer.clone()));
-                    state.departed.insert(consumer, Departed { info, at });
+                    state.depart(info, Instant::now());
                 }
             }
             self.forget_old(&mut state, Instant::now());
+            state.forget_past(&self.bounds);
         }
         self.bump();
     }
@@ -303,22 +477,22 @@ impl Tracker {
     /// Forgets consumers that left more than `remember` before `now`, with their
     /// acknowledgements.
     fn forget_old(&self, state: &mut TrackerState, now: Instant) {
-        let TrackerState {
-            departed,
-            departures,
-            acks,
-            ..
-        } = state;
-        let expired =
-            departures.partition_point(|(at, _)| now.duration_since(*at) >= self.remember);
-        for (at, consumer) in departures.drain(..expired) {
-            if departed.get(&consumer).is_some_and(|d| d.at == at) {
-                departed.remove(&consumer);
-                acks.remove(&consumer);
+        let expired = state
+            .departures
+            .partition_point(|(at, _)| now.duration_since(*at) >= self.remember);
+        let expired: Vec<_> = state.departures.drain(..expired).collect();
+        for (at, consumer) in expired {
+            if state.departed.get(&consumer).is_some_and(|d| d.at == at) {
+                state.forget(&consumer);
             }
         }
         // Consumers that come and go keep adding departures: drop the stale ones once they
         // outnumber the current ones, which keeps the queue within about twice the map.
+        let TrackerState {
+            departed,
+            departures,
+            ..
+        } = state;
         if departures.len() > 2 * departed.len() + 64 {
             departures.retain(|(at, consumer)| departed.get(consumer).is_some_and(|d| d.at == *at));
         }
@@ -365,6 +539,11 @@ impl Tracker {
         }
         self.bump();
         true
+    }
+
+    /// Whether `consumer` is live or remembered as departed.
+    pub(super) fn knows(&self, consumer: &ConsumerId) -> bool {
+        lock(&self.state).knows(consumer)
     }
 
     /// The live subscriptions.
@@ -443,7 +622,11 @@ impl Tracker {
                 connected,
                 transport: info.transport,
                 remote: info.remote,
-                workers: info.filter.names().map(<[WorkerName]>::to_vec),
+                workers: info
+                    .filter
+                    .names()
+                    .map(|names| names.iter().take(LISTED_WORKERS).cloned().collect()),
+                worker_count: info.filter.names().map(<[WorkerName]>::len),
                 since_ms: info.since_ms,
                 delivered_revision: info.delivered.load(Ordering::Relaxed),
                 acked_revision: answers
@@ -617,10 +800,10 @@ mod tests {
 
     #[test]
     fn a_departure_is_forgotten_with_its_acks_once_remember_has_passed() {
-        let tracker = Tracker::new(REMEMBER);
+        let tracker = Tracker::new(REMEMBER, Bounds::default());
         let a = info(1, "edge/a");
         let consumer = a.consumer_id.clone();
-        tracker.subscribed(a);
+        tracker.subscribed(a).unwrap();
         assert!(ack(&tracker, &consumer));
         tracker.unsubscribed(1);
         let left = departed_at(&tracker, &consumer).unwrap();
@@ -635,12 +818,12 @@ mod tests {
 
     #[test]
     fn a_consumer_that_came_back_and_left_again_counts_from_its_last_departure() {
-        let tracker = Tracker::new(REMEMBER);
+        let tracker = Tracker::new(REMEMBER, Bounds::default());
         let consumer = info(1, "edge/a").consumer_id.clone();
-        tracker.subscribed(info(1, "edge/a"));
+        tracker.subscribed(info(1, "edge/a")).unwrap();
         tracker.unsubscribed(1);
         let first = departed_at(&tracker, &consumer).unwrap();
-        tracker.subscribed(info(2, "edge/a"));
+        tracker.subscribed(info(2, "edge/a")).unwrap();
         assert!(ack(&tracker, &consumer));
         tracker.unsubscribed(2);
         let second = departed_at(&tracker, &consumer).unwrap();
@@ -664,7 +847,7 @@ mod tests {
         Arc<SubscriberInfo>,
     ) {
         let worker = WorkerName::parse("app").unwrap();
-        let tracker = Tracker::new(REMEMBER);
+        let tracker = Tracker::new(REMEMBER, Bounds::default());
         (tracker, worker, info(1, "edge/a"), info(2, "edge/b"))
     }
 
@@ -674,10 +857,10 @@ mod tests {
         let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
         let mut look = Look::default();
         let mut answered = || tracker.answered(&worker, 1, &mut look, Instant::now());
-        tracker.subscribed(a);
+        tracker.subscribed(a).unwrap();
         assert!(answered().is_none());
 
-        tracker.subscribed(b);
+        tracker.subscribed(b).unwrap();
         assert!(ack(&tracker, &consumer_a));
         assert!(answered().is_none(), "edge/b joined and has not answered");
         assert!(ack(&tracker, &consumer_b));
@@ -690,8 +873,8 @@ mod tests {
     fn a_waiter_stops_counting_a_departed_consumer_once_remember_has_passed() {
         let (tracker, worker, a, b) = app_and_two_edges();
         let (consumer_a, consumer_b) = (a.consumer_id.clone(), b.consumer_id.clone());
-        tracker.subscribed(a);
-        tracker.subscribed(b);
+        tracker.subscribed(a).unwrap();
+        tracker.subscribed(b).unwrap();
         tracker.unsubscribed(1);
         let left = departed_at(&tracker, &consumer_a).unwrap();
         assert!(ack(&tracker, &consumer_b));
@@ -709,9 +892,9 @@ mod tests {
 
     #[test]
     fn departures_of_a_flapping_consumer_stay_bounded() {
-        let tracker = Tracker::new(REMEMBER);
+        let tracker = Tracker::new(REMEMBER, Bounds::default());
         for id in 0..10_000 {
-            tracker.subscribed(info(id, "edge/a"));
+            tracker.subscribed(info(id, "edge/a")).unwrap();
             tracker.unsubscribed(id);
         }
         let state = lock(&tracker.state);
@@ -725,12 +908,16 @@ mod tests {
 
     #[test]
     fn thousands_leaving_at_once_are_all_remembered() {
-        let tracker = Tracker::new(REMEMBER);
+        let bounds = Bounds {
+            consumer_ids_per_identity: 10_000,
+            ..Bounds::default()
+        };
+        let tracker = Tracker::new(REMEMBER, bounds);
         let everyone: Vec<_> = (0..10_000)
             .map(|id| info(id, &format!("edge/h{id}")))
             .collect();
         for host in &everyone {
-            tracker.subscribed(host.clone());
+            tracker.subscribed(host.clone()).unwrap();
         }
         for host in &everyone {
             tracker.unsubscribed(host.id);
@@ -739,5 +926,91 @@ mod tests {
         assert!(state.live.is_empty() && state.connected.is_empty());
         assert_eq!(state.departed.len(), everyone.len());
         assert_eq!(state.departures.len(), everyone.len());
+    }
+
+    fn consumer(id: &str) -> ConsumerId {
+        ConsumerId::authorize("edge", id).unwrap()
+    }
+
+    #[test]
+    fn departures_past_the_count_are_forgotten_oldest_first() {
+        let bounds = Bounds {
+            departed_consumers: 3,
+            ..Bounds::default()
+        };
+        let tracker = Tracker::new(REMEMBER, bounds);
+        for id in 0..5 {
+            tracker
+                .subscribed(info(id, &format!("edge/h{id}")))
+                .unwrap();
+            tracker.unsubscribed(id);
+        }
+        let state = lock(&tracker.state);
+        assert_eq!(state.departed.len(), 3);
+        assert!(!state.knows(&consumer("edge/h1")));
+        assert!(state.knows(&consumer("edge/h2")) && state.knows(&consumer("edge/h4")));
+        assert_eq!(state.ids.get("edge"), Some(&3));
+    }
+
+    #[test]
+    fn departures_past_the_bytes_are_forgotten_and_a_shared_filter_counts_once() {
+        let names: Vec<String> = (0..1000).map(|i| format!("worker-{i}")).collect();
+        let with_filter = |id: u64, names: &[String], tracker: &Tracker| {
+            let mut info = Arc::into_inner(info(id, &format!("edge/h{id}"))).unwrap();
+            info.filter = tracker.intern(WorkerFilter::parse(names).unwrap());
+            Arc::new(info)
+        };
+        let bounds = Bounds {
+            departed_bytes: 100 << 10,
+            ..Bounds::default()
+        };
+        let tracker = Tracker::new(REMEMBER, bounds);
+        // The same thousand names, fifty times: one copy, well inside the budget.
+        for id in 0..50 {
+            tracker
+                .subscribed(with_filter(id, &names, &tracker))
+                .unwrap();
+        }
+        for id in 0..50 {
+            tracker.unsubscribed(id);
+        }
+        assert_eq!(lock(&tracker.state).departed.len(), 50);
+        // Fifty different filters of a thousand names do not fit: the oldest go.
+        for id in 50..100 {
+            let own: Vec<String> = names.iter().map(|n| format!("{n}-{id}")).collect();
+            tracker.subscribed(with_filter(id, &own, &tracker)).unwrap();
+            tracker.unsubscribed(id);
+        }
+        let state = lock(&tracker.state);
+        assert!(state.departed.len() < 50, "{}", state.departed.len());
+        assert!(
+            state.departed_bytes <= 100 << 10,
+            "{}",
+            state.departed_bytes
+        );
+        assert!(state.knows(&consumer("edge/h99")) && !state.knows(&consumer("edge/h0")));
+    }
+
+    #[test]
+    fn an_identity_at_its_consumer_ids_makes_room_from_its_departures_or_is_refused() {
+        let bounds = Bounds {
+            consumer_ids_per_identity: 2,
+            ..Bounds::default()
+        };
+        let tracker = Tracker::new(REMEMBER, bounds);
+        tracker.subscribed(info(1, "edge/a")).unwrap();
+        tracker.subscribed(info(2, "edge/b")).unwrap();
+        // The same id again is no new id.
+        tracker.subscribed(info(3, "edge/a")).unwrap();
+        let refused = tracker.subscribed(info(4, "edge/c")).unwrap_err();
+        assert!(
+            refused.to_string().contains("consumer_ids_per_identity"),
+            "{refused}"
+        );
+        tracker.unsubscribed(2);
+        tracker.subscribed(info(5, "edge/c")).unwrap();
+        let state = lock(&tracker.state);
+        assert!(!state.knows(&consumer("edge/b")), "the departure made room");
+        assert_eq!(state.ids.get("edge"), Some(&2));
     }
 }

@@ -346,6 +346,17 @@ impl WorkerFilter {
     pub fn patterns(&self) -> Option<&NamePatterns> {
         self.patterns.as_ref()
     }
+
+    /// The names as shared by every clone of this filter.
+    pub(crate) fn shared_names(&self) -> Option<&Arc<[WorkerName]>> {
+        self.names.as_ref()
+    }
+
+    /// This filter holding `names` (the same names, shared with another filter) instead.
+    pub(crate) fn with_names(mut self, names: Arc<[WorkerName]>) -> Self {
+        self.names = Some(names);
+        self
+    }
 }
 
 fn truncate_for_message(text: &str) -> String {

@@ -195,11 +195,18 @@ fn consumers(html: &mut String, consumers: &[ConsumerStatus]) {
     for consumer in consumers {
         let workers = match &consumer.workers {
             None => "all".to_owned(),
-            Some(names) => names
-                .iter()
-                .map(|n| escape(n.as_str()))
-                .collect::<Vec<_>>()
-                .join(", "),
+            Some(names) => {
+                let mut listed = names
+                    .iter()
+                    .map(|n| escape(n.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let count = consumer.worker_count.unwrap_or(names.len());
+                if count > names.len() {
+                    let _ = write!(listed, " … ({count} in all)");
+                }
+                listed
+            }
         };
         let remote = consumer
             .remote
