@@ -9,7 +9,9 @@
 //! <dir>/epoch                the epoch id (one line), written once when the directory is new
 //! <dir>/log                  append-only change log: one record per group commit
 //! <dir>/snapshot             optional: the whole state at some head, written by compaction
-//! <dir>/consumers.json       the consumer registry, rewritten whole (at most about once a second)
+//! <dir>/consumers.jsonl      the consumer registry: one JSON record per line, the last line of
+//!                            an id wins; changed records appended (at most about once a
+//!                            second), rewritten whole only when compacted
 //! <dir>/bundles/<checksum>   worker code, content-addressed by its lowercase hex SHA-256
 //! ```
 //!
@@ -31,9 +33,17 @@
 //! Durability: one writer task takes every pending [`Store::apply`], decides each in order,
 //! appends one record, fsyncs once, and only then advances the durable watermark, sends the
 //! head hint and answers. A torn last record (a crash mid-append) is cut off at open; a damaged
-//! record with intact records after it is corruption and refuses to open. If a write or fsync
+//! record with intact records after it is corruption and refuses to open. A cut tail may have
+//! held changes that were acknowledged (a disk can lose or flip bytes of synced data, and the
+//! damage looks the same), so after cutting one the store starts a new epoch over what
+//! survived: consumers get RESET and a snapshot, and no revision is handed out twice in one
+//! epoch. So does a snapshot whose epoch is not the directory's. If a write or fsync
 //! fails, the store fences itself until restarted, as PostgreSQL does: after a failed fsync the
 //! kernel's view of the file can no longer be trusted.
+//!
+//! The registry is not history: a damaged `consumers.jsonl` is logged, set aside (renamed to
+//! `consumers.jsonl.damaged-<unix ms>`), and rebuilt from the records that still parse, and
+//! the store opens. A `consumers.json` of an older version is read once and replaced.
 //!
 //! Depends on `store` and `core::types` only.
 
@@ -68,7 +78,12 @@ const LOCK_FILE: &str = "LOCK";
 const EPOCH_FILE: &str = "epoch";
 const LOG_FILE: &str = "log";
 const SNAPSHOT_FILE: &str = "snapshot";
-const CONSUMERS_FILE: &str = "consumers.json";
+/// The registry of older versions, rewritten whole; read once and replaced by
+/// [`REGISTRY_FILE`].
+const LEGACY_CONSUMERS_FILE: &str = "consumers.json";
+const REGISTRY_FILE: &str = "consumers.jsonl";
+/// The registry file is compacted once it holds this much more than its live records.
+const REGISTRY_COMPACT_SLACK: u64 = 1 << 20;
 const BUNDLES_DIR: &str = "bundles";
 /// Files being written end in this until renamed into place; leftovers are crash debris.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -157,7 +172,22 @@ struct View {
 
 struct Registry {
     records: BTreeMap<ConsumerId, ConsumerRecord>,
-    dirty: bool,
+    /// Records changed since the last flush.
+    dirty: HashSet<ConsumerId>,
+}
+
+/// The registry file's size, and its size right after the last compaction (about what the
+/// live records take).
+#[derive(Clone, Copy, Debug)]
+struct RegistryFile {
+    bytes: u64,
+    compacted: u64,
+}
+
+impl RegistryFile {
+    fn compaction_due(&self) -> bool {
+        self.bytes > REGISTRY_COMPACT_SLACK.max(2 * self.compacted)
+    }
 }
 
 enum Request {
@@ -218,7 +248,7 @@ impl FileStore {
             log_syncs: AtomicU64::new(0),
             registry: Mutex::new(Registry {
                 records: opened.consumers,
-                dirty: false,
+                dirty: HashSet::new(),
             }),
             registry_changed: Notify::new(),
             bundles: Mutex::new(PendingBundles::default()),
@@ -243,6 +273,7 @@ impl FileStore {
                 shared.clone(),
                 lock,
                 config.consumer_flush_interval,
+                opened.registry_file,
                 closing.clone(),
             )),
         ];
@@ -395,7 +426,7 @@ impl Store for FileStore {
                 .entry(record.id.clone())
                 .and_modify(|existing| existing.absorb(record))
                 .or_insert_with(|| record.clone());
-            registry.dirty = true;
+            registry.dirty.insert(record.id.clone());
         }
         self.shared.registry_changed.notify_one();
         Ok(())
@@ -770,12 +801,14 @@ async fn flush_bundles(shared: Arc<Shared>, _lock: Arc<File>, closing: Cancellat
     }
 }
 
-/// Writes the consumer registry when it changed, at most once per `interval`, and once more
-/// when the store closes.
+/// Writes the changed records of the registry, at most once per `interval`, and once more
+/// when the store closes: appended to the registry file, which is rewritten whole only once
+/// it holds much more than its live records.
 async fn flush_registry(
     shared: Arc<Shared>,
     _lock: Arc<File>,
     interval: Duration,
+    mut file: RegistryFile,
     closing: CancellationToken,
 ) {
     let mut last_flush: Option<Instant> = None;
@@ -790,7 +823,7 @@ async fn flush_registry(
                 () = closing.cancelled() => {}
             }
         }
-        write_registry(&shared).await;
+        file = write_registry(&shared, file).await;
         last_flush = Some(Instant::now());
         if closing.is_cancelled() {
             return;
@@ -798,31 +831,160 @@ async fn flush_registry(
     }
 }
 
-async fn write_registry(shared: &Arc<Shared>) {
-    let records: Vec<ConsumerRecord> = {
+/// Appends the changed records (or compacts, when due); answers the file's new size.
+async fn write_registry(shared: &Arc<Shared>, file: RegistryFile) -> RegistryFile {
+    let compact = file.compaction_due();
+    let (records, changed): (Vec<ConsumerRecord>, Vec<ConsumerId>) = {
         let mut registry = lock(&shared.registry);
-        if !registry.dirty {
-            return;
+        if registry.dirty.is_empty() {
+            return file;
         }
-        registry.dirty = false;
-        registry.records.values().cloned().collect()
+        let changed: Vec<_> = registry.dirty.drain().collect();
+        let records = if compact {
+            registry.records.values().cloned().collect()
+        } else {
+            changed
+                .iter()
+                .filter_map(|id| registry.records.get(id).cloned())
+                .collect()
+        };
+        (records, changed)
     };
     let dir = shared.dir.clone();
     let written = blocking(move || {
-        let json = serde_json::to_vec_pretty(&records).map_err(io::Error::other)?;
-        write_atomically(&dir, CONSUMERS_FILE, &json)
+        let lines = registry_lines(&records)?;
+        let len = lines.len() as u64;
+        if compact {
+            write_atomically(&dir, REGISTRY_FILE, &lines)?;
+            Ok::<_, io::Error>(RegistryFile {
+                bytes: len,
+                compacted: len,
+            })
+        } else {
+            let mut out = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(REGISTRY_FILE))?;
+            out.write_all(&lines)?;
+            out.sync_data()?;
+            Ok(RegistryFile {
+                bytes: file.bytes.saturating_add(len),
+                ..file
+            })
+        }
     })
     .await;
     let error = match written {
-        Ok(Ok(())) => return,
+        Ok(Ok(file)) => return file,
         Ok(Err(error)) => error.to_string(),
         Err(error) => error.to_string(),
     };
-    // The old file is intact (the new one was never renamed in, or the rename is as good as
-    // any); try again at the next flush.
+    // A failed append may have left part of a line: the next compaction rewrites the file,
+    // and a torn last line is skipped at open. Try again at the next flush.
     tracing::warn!(%error, "writing the consumer registry failed; will retry");
-    lock(&shared.registry).dirty = true;
+    lock(&shared.registry).dirty.extend(changed);
     shared.registry_changed.notify_one();
+    // What the file holds is not known now: rewrite it whole next time.
+    RegistryFile {
+        bytes: u64::MAX,
+        compacted: 0,
+    }
+}
+
+/// One JSON line per record.
+fn registry_lines(records: &[ConsumerRecord]) -> io::Result<Vec<u8>> {
+    let mut lines = Vec::new();
+    for record in records {
+        serde_json::to_writer(&mut lines, record).map_err(io::Error::other)?;
+        lines.push(b'\n');
+    }
+    Ok(lines)
+}
+
+/// The registry as the directory holds it. Damage costs the damaged records, never the open:
+/// the damaged file is set aside and a clean one written from what parsed.
+fn recover_registry(
+    dir: &Path,
+) -> Result<(BTreeMap<ConsumerId, ConsumerRecord>, RegistryFile), StoreError> {
+    let path = dir.join(REGISTRY_FILE);
+    let legacy = dir.join(LEGACY_CONSUMERS_FILE);
+    let mut records = BTreeMap::new();
+    let mut rewrite = false;
+    match read_if_exists(&path)? {
+        Some(bytes) => {
+            let torn = !bytes.is_empty() && !bytes.ends_with(b"\n");
+            let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+            let mut damaged = 0usize;
+            for (index, line) in lines.iter().enumerate() {
+                if line.is_empty() {
+                    continue;
+                }
+                match serde_json::from_slice::<ConsumerRecord>(line) {
+                    Ok(record) => {
+                        records.insert(record.id.clone(), record);
+                    }
+                    // A crash mid-append: the last line is incomplete.
+                    Err(_) if torn && index + 1 == lines.len() => rewrite = true,
+                    Err(_) => damaged += 1,
+                }
+            }
+            if damaged > 0 {
+                let aside = set_aside(&path)?;
+                tracing::error!(
+                    file = %path.display(), set_aside = %aside.display(), damaged,
+                    kept = records.len(),
+                    "consumer registry damaged; set aside and rebuilt from the records that parse"
+                );
+                rewrite = true;
+            }
+        }
+        None => {
+            if let Some(bytes) = read_if_exists(&legacy)? {
+                match serde_json::from_slice::<Vec<ConsumerRecord>>(&bytes) {
+                    Ok(old) => records.extend(old.into_iter().map(|r| (r.id.clone(), r))),
+                    Err(error) => {
+                        let aside = set_aside(&legacy)?;
+                        tracing::error!(
+                            %error, file = %legacy.display(), set_aside = %aside.display(),
+                            "consumer registry damaged; set aside, starting an empty one"
+                        );
+                    }
+                }
+                rewrite = true;
+            }
+        }
+    }
+    let bytes = if rewrite {
+        let records: Vec<_> = records.values().cloned().collect();
+        let lines = registry_lines(&records)?;
+        write_atomically(dir, REGISTRY_FILE, &lines)?;
+        match fs::remove_file(&legacy) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error.into()),
+            _ => {}
+        }
+        lines.len() as u64
+    } else {
+        fs::metadata(&path).map_or(0, |m| m.len())
+    };
+    Ok((
+        records,
+        RegistryFile {
+            bytes,
+            compacted: bytes,
+        },
+    ))
+}
+
+/// Renames a damaged file out of the way; answers its new name.
+fn set_aside(path: &Path) -> io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".damaged-{stamp}"));
+    let aside = PathBuf::from(name);
+    fs::rename(path, &aside)?;
+    Ok(aside)
 }
 
 /// The whole state at one head: what compaction writes and recovery starts from.
@@ -894,6 +1056,7 @@ struct Opened {
     machine: StateMachine,
     log: Log,
     consumers: BTreeMap<ConsumerId, ConsumerRecord>,
+    registry_file: RegistryFile,
 }
 
 /// Opens the directory: lock, clean up crash debris, epoch, snapshot, log replay.
@@ -958,8 +1121,17 @@ fn recover(dir: &Path, config: &FileStoreConfig) -> Result<Opened, StoreError> {
         }
     };
 
+    // Signs that acknowledged history may be gone: the epoch cannot go on (see the module
+    // docs).
+    let mut history_lost = Vec::new();
     let mut machine = match snapshot {
-        Some(snapshot) => snapshot.into_machine(&epoch, config.retain)?,
+        Some(mut snapshot) => {
+            if snapshot.epoch != epoch {
+                history_lost.push("the snapshot's epoch is not the directory's");
+                snapshot.epoch = epoch.clone();
+            }
+            snapshot.into_machine(&epoch, config.retain)?
+        }
         None => StateMachine::new(epoch, config.retain),
     };
     let mut logged = 0;
@@ -987,8 +1159,27 @@ fn recover(dir: &Path, config: &FileStoreConfig) -> Result<Opened, StoreError> {
         let file = OpenOptions::new().write(true).open(&log_path)?;
         file.set_len(parsed.valid_len as u64)?;
         file.sync_all()?;
+        history_lost.push("the change log's tail was cut");
     }
-    let log = if stale > 0 || logged > config.compact_after {
+    let new_epoch = !history_lost.is_empty();
+    if new_epoch {
+        // The epoch file first: a crash before the snapshot below leaves a snapshot of the
+        // old epoch, which the next open takes as the same sign.
+        let epoch = Epoch::generate();
+        tracing::warn!(
+            old_epoch = %machine.epoch(), %epoch, head = machine.head(),
+            why = %history_lost.join("; "),
+            "acknowledged history may be lost; starting a new epoch over what survived \
+             (consumers get RESET and a snapshot)"
+        );
+        write_atomically(dir, EPOCH_FILE, format!("{epoch}\n").as_bytes())?;
+        let snapshot = Snapshot {
+            epoch: epoch.clone(),
+            ..Snapshot::of(&machine)
+        };
+        machine = snapshot.into_machine(&epoch, config.retain)?;
+    }
+    let log = if new_epoch || stale > 0 || logged > config.compact_after {
         // Finish the compaction the crash interrupted (or one that is overdue).
         Log {
             file: compact(dir, &Snapshot::of(&machine))?,
@@ -1001,19 +1192,13 @@ fn recover(dir: &Path, config: &FileStoreConfig) -> Result<Opened, StoreError> {
         }
     };
 
-    let consumers = match read_if_exists(&dir.join(CONSUMERS_FILE))? {
-        Some(bytes) => serde_json::from_slice::<Vec<ConsumerRecord>>(&bytes)
-            .map_err(|e| StoreError::Corrupt(format!("{CONSUMERS_FILE}: {e}")))?
-            .into_iter()
-            .map(|r| (r.id.clone(), r))
-            .collect(),
-        None => BTreeMap::new(),
-    };
+    let (consumers, registry_file) = recover_registry(dir)?;
     Ok(Opened {
         lock,
         machine,
         log,
         consumers,
+        registry_file,
     })
 }
 
@@ -1378,15 +1563,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_torn_tail_is_cut_off_and_everything_before_it_survives() {
+    async fn a_cut_tail_starts_a_new_epoch_over_everything_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
         commit_history(&store, 5).await;
         let before = store.load().await.unwrap();
         store.close().await;
-        let intact_len = fs::metadata(log_path(dir.path())).unwrap().len();
 
-        // Half of a real record, as a crash mid-append leaves it.
+        // Half of a real record, as a crash mid-append (or a lost block) leaves it.
         let change = Change {
             revision: 6,
             ..before.tail[0].clone()
@@ -1395,13 +1579,23 @@ mod tests {
         append_to_log(dir.path(), &record[..record.len() / 2]);
 
         let store = open(dir.path()).await;
-        assert_eq!(store.load().await.unwrap(), before);
+        let after = store.load().await.unwrap();
+        assert_ne!(after.epoch, before.epoch, "a cut tail starts a new epoch");
+        assert_eq!(
+            (after.head, &after.latest, &after.tail),
+            (before.head, &before.latest, &before.tail)
+        );
         assert_eq!(
             fs::metadata(log_path(dir.path())).unwrap().len(),
-            intact_len,
-            "the torn record is truncated away"
+            0,
+            "the cut log is compacted into a snapshot of the new epoch"
         );
         assert_eq!(commit(&store, put("x", "1", b"x")).await.revision, 6);
+        store.close().await;
+
+        // A clean reopen keeps the epoch.
+        let store = open(dir.path()).await;
+        assert_eq!(store.load().await.unwrap().epoch, after.epoch);
         store.close().await;
 
         // A file extended with zeros whose data never landed.
@@ -1409,7 +1603,51 @@ mod tests {
         let store = open(dir.path()).await;
         let state = store.load().await.unwrap();
         assert_eq!(state.head, 6);
+        assert_ne!(state.epoch, after.epoch);
         assert_eq!(state.tail[..5], before.tail[..]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_damaged_registry_is_set_aside_and_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let record = ConsumerRecord {
+            id: ConsumerId::authorize("edge", "edge/a").unwrap(),
+            endpoint: "a:1".to_owned(),
+            labels: BTreeMap::new(),
+            transport: "grpc".to_owned(),
+            first_seen_ms: 1,
+            last_seen_ms: 2,
+            last_acked_revision: 3,
+        };
+        store.save_consumer(&record).await.unwrap();
+        store.close().await;
+        let path = dir.path().join(REGISTRY_FILE);
+        let mut text = fs::read(&path).unwrap();
+        text.extend_from_slice(b"{not json\n");
+        text.extend_from_slice(&fs::read(&path).unwrap());
+        fs::write(&path, text).unwrap();
+
+        let store = open(dir.path()).await;
+        assert_eq!(store.consumers().await.unwrap(), [record]);
+        store.close().await;
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("consumers.jsonl.damaged-")),
+            "{names:?}"
+        );
+
+        // An old whole-file registry that does not parse is set aside the same way.
+        fs::remove_file(&path).unwrap();
+        fs::write(dir.path().join(LEGACY_CONSUMERS_FILE), b"[{garbage").unwrap();
+        let store = open(dir.path()).await;
+        assert!(store.consumers().await.unwrap().is_empty());
         store.close().await;
     }
 
