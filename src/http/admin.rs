@@ -4,12 +4,14 @@
 //! - `GET /v1/workers`, `GET /v1/workers/{name}`, `GET /v1/consumers`: JSON, with
 //!   `Authorization: Bearer <token>` (or the session cookie);
 //! - `GET /`: the live status page. The token is given once, as `?token=` or through the login
-//!   form (`POST /login`); it answers with an HttpOnly, SameSite=Strict session cookie and a
-//!   redirect to `/`, so the token leaves the address bar and the history at once;
+//!   form (`POST /login`); it answers with an HttpOnly, SameSite=Strict cookie naming a
+//!   server-side session that expires (`ADMIN_SESSION_TTL`), and a redirect to `/`, so the
+//!   token leaves the address bar and the history at once;
 //! - `GET /status/events`: server-sent events feeding the page, one server-rendered fragment
 //!   per change of state (a publish, a subscription, an acknowledgement), at most four a
 //!   second;
-//! - `POST /logout`: forgets the cookie.
+//! - `POST /logout`: ends the session (its cookie is refused from then on) and forgets the
+//!   cookie.
 //!
 //! Nothing here logs a request's URI or headers. Depends on [`crate::core`] and the HTTP
 //! helpers of this module's parent.
@@ -33,7 +35,8 @@ use tokio::time::Instant;
 
 use super::{
     ApiError,
-    auth::{BearerToken, SESSION_COOKIE},
+    auth::BearerToken,
+    sessions::{self, Sessions},
     status_page,
 };
 use crate::core::{
@@ -68,13 +71,15 @@ pub struct ConsumersAnswer {
 struct AdminState {
     core: Arc<Core>,
     token: Arc<BearerToken>,
+    sessions: Arc<Sessions>,
 }
 
 /// The admin routes; see the module docs.
-pub fn router(core: Arc<Core>, token: BearerToken) -> Router {
+pub fn router(core: Arc<Core>, token: BearerToken, sessions: Arc<Sessions>) -> Router {
     let state = AdminState {
         core,
         token: Arc::new(token),
+        sessions,
     };
     Router::new()
         .route("/v1/workers", get(workers))
@@ -106,7 +111,7 @@ async fn require_admin(State(state): State<AdminState>, request: Request, next: 
 }
 
 fn admitted(state: &AdminState, headers: &HeaderMap) -> bool {
-    state.token.authorizes(headers) || state.token.session_in(headers)
+    state.token.authorizes(headers) || state.sessions.admits(headers, std::time::Instant::now())
 }
 
 async fn workers(State(state): State<AdminState>) -> Json<WorkersAnswer> {
@@ -168,10 +173,10 @@ async fn login(State(state): State<AdminState>, Form(form): Form<TokenForm>) -> 
     sign_in(&state, form.token.as_deref().unwrap_or_default())
 }
 
-async fn logout() -> Response {
+async fn logout(State(state): State<AdminState>, headers: HeaderMap) -> Response {
+    state.sessions.close(&headers);
     let mut response = Redirect::to("/").into_response();
-    let expired = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
-    if let Ok(value) = HeaderValue::from_str(&expired) {
+    if let Ok(value) = HeaderValue::from_str(&sessions::expired_cookie()) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
@@ -186,11 +191,8 @@ fn sign_in(state: &AdminState, token: &str) -> Response {
     }
     // 303: the browser follows with a GET of `/`, which no longer holds the token.
     let mut response = Redirect::to("/").into_response();
-    let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        state.token.session_value()
-    );
-    match HeaderValue::from_str(&cookie) {
+    let session = state.sessions.open(std::time::Instant::now());
+    match HeaderValue::from_str(&state.sessions.cookie(&session)) {
         Ok(value) => {
             response.headers_mut().insert(header::SET_COOKIE, value);
             response
@@ -328,11 +330,17 @@ mod tests {
             .await
             .unwrap();
         let token = BearerToken::new(TOKEN).unwrap();
-        let session = token.session_value();
-        let server = TestServer::start(router(core.clone(), token)).await;
+        let sessions = Arc::new(Sessions::new(Duration::from_secs(3600)));
+        let server = TestServer::start(router(core.clone(), token, sessions)).await;
 
         let signed_in = send(&server, &format!("GET /?token={TOKEN} HTTP/1.1"), "").await;
         assert!(signed_in.starts_with("HTTP/1.1 303"), "{signed_in}");
+        let session = signed_in
+            .split(&format!("{}=", sessions::SESSION_COOKIE))
+            .nth(1)
+            .and_then(|rest| rest.split(';').next())
+            .unwrap()
+            .to_owned();
         let wrong = send(&server, &format!("GET /?token={TOKEN}x HTTP/1.1"), "").await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
         let form = "POST /login HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded";
@@ -340,8 +348,16 @@ mod tests {
         assert!(login.starts_with("HTTP/1.1 303"), "{login}");
         let api = format!("GET /v1/workers HTTP/1.1\r\nAuthorization: Bearer {TOKEN}");
         assert!(send(&server, &api, "").await.starts_with("HTTP/1.1 200"));
-        let page = format!("GET / HTTP/1.1\r\nCookie: {SESSION_COOKIE}={session}");
+        let cookie = format!("Cookie: {}={session}", sessions::SESSION_COOKIE);
+        let page = format!("GET / HTTP/1.1\r\n{cookie}");
         assert!(send(&server, &page, "").await.starts_with("HTTP/1.1 200"));
+        let logout = send(&server, &format!("POST /logout HTTP/1.1\r\n{cookie}"), "").await;
+        assert!(logout.starts_with("HTTP/1.1 303"), "{logout}");
+        let after = send(&server, &page, "").await;
+        assert!(
+            after.starts_with("HTTP/1.1 401"),
+            "a signed-out cookie admitted: {after}"
+        );
         let refused = send(&server, "GET /v1/consumers HTTP/1.1", "").await;
         assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
 

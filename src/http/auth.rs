@@ -1,5 +1,5 @@
-//! Bearer tokens: the upload token and the admin token, compared in constant time, and the
-//! admin session cookie derived from the admin token.
+//! Bearer tokens: the upload token and the admin token, compared in constant time. (Status
+//! page sessions are server-side: [`super::sessions`].)
 //!
 //! Tokens are held only as SHA-256 digests and compared digest to digest, so neither the
 //! length nor a prefix of a token leaks through timing. Nothing here logs a token.
@@ -9,14 +9,10 @@ use std::fmt;
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 
-/// Name of the admin session cookie.
-pub const SESSION_COOKIE: &str = "workerpush_admin";
-
 /// A secret bearer token, held as its digest.
 #[derive(Clone)]
 pub struct BearerToken {
     digest: [u8; 32],
-    session: [u8; 32],
 }
 
 impl BearerToken {
@@ -27,7 +23,6 @@ impl BearerToken {
         }
         Some(Self {
             digest: Sha256::digest(token.as_bytes()).into(),
-            session: session_of(token),
         })
     }
 
@@ -40,28 +35,6 @@ impl BearerToken {
     /// Whether the request carries `Authorization: Bearer <the token>`.
     pub fn authorizes(&self, headers: &HeaderMap) -> bool {
         bearer(headers).is_some_and(|token| self.matches(token))
-    }
-
-    /// The value of the session cookie for this token: a digest of it, so that the browser
-    /// never stores the token itself.
-    pub fn session_value(&self) -> String {
-        hex::encode(self.session)
-    }
-
-    /// Whether the request carries the session cookie of this token.
-    pub fn session_in(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .filter(|(name, _)| *name == SESSION_COOKIE)
-            .filter_map(|(_, value)| {
-                let bytes = hex::decode(value).ok()?;
-                <[u8; 32]>::try_from(bytes.as_slice()).ok()
-            })
-            .any(|value| constant_time_eq(&self.session, &value))
     }
 }
 
@@ -80,13 +53,6 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .split_once(' ')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
-}
-
-fn session_of(token: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(b"workerpush admin session v1\0");
-    hasher.update(token.as_bytes());
-    hasher.finalize().into()
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -111,7 +77,7 @@ mod tests {
     }
 
     #[test]
-    fn bearer_header_and_session_cookie_are_recognised() {
+    fn the_bearer_header_is_recognised() {
         let token = BearerToken::new("s3cret").unwrap();
         let mut headers = HeaderMap::new();
         assert!(!token.authorizes(&headers));
@@ -125,18 +91,5 @@ mod tests {
             HeaderValue::from_static("Basic s3cret"),
         );
         assert!(!token.authorizes(&headers));
-
-        let session = token.session_value();
-        assert!(!session.contains("s3cret"));
-        let cookie = format!("other=1; {SESSION_COOKIE}={session}");
-        headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
-        assert!(token.session_in(&headers));
-        let other = BearerToken::new("other").unwrap();
-        assert!(!other.session_in(&headers));
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("{SESSION_COOKIE}=s3cret")).unwrap(),
-        );
-        assert!(!token.session_in(&headers));
     }
 }

@@ -183,6 +183,40 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Whether every key's bucket has a token, taking none.
+    pub fn peek(&self, keys: &[RateKey], now: Instant) -> Result<(), RateRefusal> {
+        if !self.limit.is_on() {
+            return Ok(());
+        }
+        let burst = f64::from(self.limit.burst.max(1));
+        let rate = self.limit.per_second;
+        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let wait = keys
+            .iter()
+            .filter_map(|key| table.buckets.get(key))
+            .map(|bucket| {
+                let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+                let tokens = (bucket.tokens + elapsed * rate).min(burst);
+                if tokens < 1.0 {
+                    Duration::from_secs_f64((1.0 - tokens) / rate)
+                } else {
+                    Duration::ZERO
+                }
+            })
+            .max()
+            .unwrap_or_default();
+        if wait.is_zero() {
+            Ok(())
+        } else {
+            Err(RateRefusal::Exhausted { retry_after: wait })
+        }
+    }
+
+    /// Its name in `workerpush_limit_refusals_total{limit=…}`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// How many buckets are kept.
     pub fn len(&self) -> usize {
         let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
@@ -250,12 +284,18 @@ pub async fn rate_limit(
         Err(RateRefusal::Exhausted { retry_after }) => retry_after,
         Err(RateRefusal::TableFull) => Duration::from_secs(1),
     };
-    metrics::counter!("workerpush_limit_refusals_total", "limit" => limiter.name).increment(1);
+    tracing::info!(limit = limiter.name, remote = ?keys.first(), "rate limited");
+    too_many(limiter.name, retry_after, "rate limit")
+}
+
+/// A 429 answer for the limit `name` (counted in `workerpush_limit_refusals_total`), saying
+/// that `what` was exceeded, with `Retry-After` in whole seconds (at least 1).
+pub fn too_many(name: &'static str, retry_after: Duration, what: &str) -> Response {
+    metrics::counter!("workerpush_limit_refusals_total", "limit" => name).increment(1);
     let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    tracing::info!(limit = limiter.name, retry_after = seconds, remote = ?keys.first(), "rate limited");
     let mut response = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
-        format!("rate limit exceeded; retry in {seconds} s"),
+        format!("{what} exceeded ({name}); retry in {seconds} s"),
     )
     .into_response();
     response

@@ -12,8 +12,10 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_failures;
 pub mod hook;
 pub mod limits;
+pub mod sessions;
 pub mod signing;
 pub mod status_page;
 pub mod upload;
