@@ -409,6 +409,22 @@ fn too_large(limit: u64) -> Refused {
 
 fn multipart_refusal(error: multer::Error, limit: u64) -> Refused {
     match &error {
+        // A name or version far too long is a malformed field, said as such, not a file size.
+        multer::Error::FieldSizeExceeded {
+            field_name: Some(field),
+            ..
+        } if field == "filename" || field == "version" => {
+            let rule = if field == "version" {
+                crate::core::error::VERSION_RULE
+            } else {
+                crate::core::error::WORKER_NAME_RULE
+            };
+            Refused::new(
+                "invalid",
+                StatusCode::BAD_REQUEST,
+                format!("form field {field:?} is longer than {TEXT_FIELD_LIMIT} bytes: {rule}"),
+            )
+        }
         multer::Error::FieldSizeExceeded { .. } | multer::Error::StreamSizeExceeded { .. } => {
             too_large(limit)
         }
