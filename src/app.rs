@@ -207,6 +207,7 @@ async fn start_core(
         retain_changes: args.retain_changes.max(1),
         inline_max_bytes: args.inline_code_max_bytes,
         max_code_bytes: args.max_code_bytes,
+        bounds: args.bounds.bounds(),
         ..CoreConfig::default()
     };
     let store: Arc<dyn Store> = match &args.redis_url {
@@ -297,12 +298,17 @@ async fn start_core(
         }
     });
 
-    let router = http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes()))
-        .merge(http::admin::router(core.clone(), admin_token));
+    let router = http::hook::router(core.clone(), Arc::from(hook_secret.as_bytes())).merge(
+        http::admin::router(
+            core.clone(),
+            admin_token,
+            Arc::new(http::sessions::Sessions::new(args.admin_session_ttl)),
+        ),
+    );
     let largest_body = args.max_code_bytes + http::hook::FORM_OVERHEAD_BYTES;
     let router = http_limits(
         router,
-        ("hook_rate", "hook_body_budget"),
+        ("hook_rate", "hook_body_budget", "hook_auth_failures"),
         &args.common,
         largest_body,
     )
@@ -356,7 +362,7 @@ async fn start_upload(
     let largest_body = max_upload_bytes + http::hook::FORM_OVERHEAD_BYTES;
     let router = http_limits(
         router,
-        ("upload_rate", "upload_body_budget"),
+        ("upload_rate", "upload_body_budget", "upload_auth_failures"),
         common,
         largest_body,
     );
@@ -388,12 +394,13 @@ fn http_serve_config(common: &CommonArgs) -> http::ServeConfig {
     }
 }
 
-/// `router` behind the abuse limits of the flags: the rate limit of changes (outermost, the
-/// cheapest refusal), then the budget of body bytes in flight; `(rate, budget)` name them in
+/// `router` behind the abuse limits of the flags: authentication failures by address
+/// (outermost: an address that spent them gets nothing else), the rate limit of changes, then
+/// the budget of body bytes in flight; `(rate, budget, auth_failures)` name them in
 /// `workerpush_limit_refusals_total`.
 fn http_limits(
     router: axum::Router,
-    (rate, budget): (&'static str, &'static str),
+    (rate, budget, auth_failures): (&'static str, &'static str, &'static str),
     common: &CommonArgs,
     largest_body: u64,
 ) -> axum::Router {
@@ -405,7 +412,15 @@ fn http_limits(
             burst: common.rate_limit_burst,
         },
     );
-    limits::with_rate_limit(limits::with_body_budget(router, budget), limiter)
+    let failures = RateLimiter::new(
+        auth_failures,
+        RateLimit {
+            per_second: common.auth_failures_per_second,
+            burst: common.auth_failures_burst,
+        },
+    );
+    let router = limits::with_rate_limit(limits::with_body_budget(router, budget), limiter);
+    http::auth_failures::with_auth_failure_limit(router, failures)
 }
 
 /// Waits for `shutdown`, then drains within `grace`, in order:
@@ -681,6 +696,15 @@ fn describe_metrics() {
         "workerpush_upload_refusals_total",
         "Upload API requests refused, by reason"
     );
+    describe_counter!(
+        "workerpush_limit_refusals_total",
+        "Requests refused (or departures forgotten early) by a limit, by limit"
+    );
+    // Every limit's counter exists from the start, at 0.
+    crate::core::Bound::register_counters();
+    for limit in ["hook_auth_failures", "upload_auth_failures"] {
+        metrics::counter!("workerpush_limit_refusals_total", "limit" => limit).increment(0);
+    }
 }
 
 /// Pending connections the kernel queues per listener. tokio's default (128) overflows when
