@@ -2,6 +2,8 @@
 //! gRPC and QUIC, stalled handshakes, bad certificates, and every limit. Each case checks the
 //! refusal the abuser gets, that correct clients are served during and after, and that the
 //! server process's memory (`VmRSS`) and open descriptors (`/proc/<pid>/fd`) stay bounded.
+//! Authenticated clients too: churn of subscriptions, registrations and acks holds the core's
+//! memory and data directory within bounds, and damage on disk never reuses a revision.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -25,8 +27,8 @@ use tokio::{
 use workerpush::{
     client::{ClientError, GrpcTransport, QuicTransport, Session, Transport, UpdateStream},
     pb::{
-        FetchWorkerRequest, ListWorkersRequest, QuicRequest, QuicResponse, SubscribeRequest,
-        UpdateKind, quic_request, quic_response,
+        AckRequest, FetchWorkerRequest, ListWorkersRequest, QuicRequest, QuicResponse,
+        RegisterRequest, SubscribeRequest, UpdateKind, quic_request, quic_response,
     },
     quic::{
         CLOSE_RESOURCE_EXHAUSTED,
@@ -1420,4 +1422,447 @@ async fn subscribers_that_never_read_leave_memory_bounded() {
         head = head.max(update.revision);
     }
     drop(sessions);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authenticated clients: what one certificate can make the core hold.
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+/// Bytes the process has written through `write` and friends (`wchar` of `/proc/<pid>/io`):
+/// files, sockets and pipes together, an upper bound on what reached the disk.
+fn written_bytes(server: &TestServer) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{}/io", server.child.id())).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("wchar in /proc/<pid>/io")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_cancel_churn_with_huge_filters_keeps_memory_and_the_consumer_list_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (_, token) = server.secrets();
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    let cycle = |i: usize| SubscribeRequest {
+        consumer_id: format!("consumer-1/d{i}"),
+        // A different filter every time: nothing to share.
+        worker_names: (0..10_000).map(|j| format!("w{i}-{j}")).collect(),
+        resume_revision: 0,
+        epoch: String::new(),
+    };
+    for i in 0..5 {
+        let mut stream = session.subscribe(cycle(i)).await.unwrap();
+        until_synced(&mut stream).await;
+    }
+    let rss_before = rss_mib(&server);
+    let mut peak = rss_before;
+    for i in 5..305 {
+        let mut stream = session.subscribe(cycle(i)).await.unwrap();
+        until_synced(&mut stream).await;
+        drop(stream);
+        if i % 20 == 0 {
+            peak = peak.max(rss_mib(&server));
+        }
+    }
+    let http = server.addr("http");
+    until(
+        Duration::from_secs(15),
+        "every subscription ended",
+        || async {
+            let (_, body) = admin_get(http, Some(&token), "/v1/consumers").await;
+            body["consumers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["connected"] == false)
+        },
+    )
+    .await;
+    peak = peak.max(rss_mib(&server));
+    let listing = http_client()
+        .get(format!("http://{http}/v1/consumers"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    eprintln!(
+        "subscribe/cancel churn: RSS {rss_before} MiB before, peak {peak} MiB; /v1/consumers {} bytes",
+        listing.len()
+    );
+    assert!(peak < rss_before + 64, "RSS {rss_before} → {peak} MiB");
+    assert!(
+        listing.len() < 1 << 20,
+        "/v1/consumers is {} bytes",
+        listing.len()
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+    let first = &listed["consumers"][0];
+    assert_eq!(first["worker_count"], 10_000, "{first}");
+    assert!(first["workers"].as_array().unwrap().len() <= 32);
+    // The filters outweighed the departure window: the oldest were forgotten, and counted.
+    assert!(refusals(&server, "departed_bytes").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_past_its_bound_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &["--max-filter-names", "100"]);
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    let names = |n: usize| SubscribeRequest {
+        worker_names: (0..n).map(|j| format!("w{j}")).collect(),
+        ..subscribe_all()
+    };
+    let mut stream = session.subscribe(names(100)).await.unwrap();
+    until_synced(&mut stream).await;
+    let (code, message) = status_code(session.subscribe(names(101)).await);
+    assert_eq!(code, 8, "{message}");
+    assert!(message.contains("--max-filter-names"), "{message}");
+    assert_eq!(refusals(&server, "filter_names").await, 1.0);
+    // Every bound's counter is there from the start.
+    for limit in [
+        "consumer_ids_per_identity",
+        "departed_consumers",
+        "labels",
+        "endpoint_bytes",
+    ] {
+        assert_eq!(refusals(&server, limit).await, 0.0, "{limit}");
+        let metrics = metrics_text(server.addr("http")).await;
+        assert!(metrics.contains(&format!("limit=\"{limit}\"")), "{limit}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_and_acks_with_distinct_suffixes_and_huge_labels_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let data = dir.path().join("data");
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    let (rss_before, disk_before) = (rss_mib(&server), dir_bytes(&data));
+    let mut peak = rss_before;
+
+    let register = |i: usize| RegisterRequest {
+        consumer_id: format!("consumer-1/r{i}"),
+        endpoint: format!("10.0.0.1:{i}"),
+        labels: [("region".to_owned(), "eu".to_owned())].into(),
+    };
+    let outcomes: Vec<_> = futures_util::stream::iter(0..50_000)
+        .map(|i| session.register(register(i)))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let registered = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        registered, 1024,
+        "the default bound of consumer ids per identity"
+    );
+    let refusal = outcomes.into_iter().find(Result::is_err).unwrap();
+    let (code, message) = status_code(refusal);
+    assert_eq!(code, 8, "{message}");
+    assert!(
+        message.contains("--max-consumer-ids-per-identity"),
+        "{message}"
+    );
+    peak = peak.max(rss_mib(&server));
+
+    let ack = |suffix: String| AckRequest {
+        consumer_id: suffix,
+        worker_name: "w".into(),
+        revision: 1,
+        applied: true,
+        error: String::new(),
+    };
+    let acked: Vec<_> = futures_util::stream::iter(0..50_000)
+        .map(|i| session.ack(ack(format!("consumer-1/a{i}"))))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(
+        acked.iter().all(Result::is_err),
+        "acks of unknown ids past the bound"
+    );
+    peak = peak.max(rss_mib(&server));
+
+    let huge = |i: usize| RegisterRequest {
+        consumer_id: format!("consumer-1/r{i}"),
+        endpoint: String::new(),
+        labels: (0..64)
+            .map(|k| (format!("k{k}"), "v".repeat(61_000)))
+            .collect(),
+    };
+    for i in 0..60 {
+        let (code, message) = status_code(session.register(huge(i)).await);
+        assert_eq!(code, 8, "{message}");
+        assert!(message.contains("--max-label-bytes"), "{message}");
+    }
+    peak = peak.max(rss_mib(&server));
+    assert!(refusals(&server, "consumer_ids_per_identity").await >= 98_976.0);
+    assert!(refusals(&server, "label_bytes").await >= 60.0);
+
+    // One ack per 10 ms for 10 s from a registered consumer: appended, not rewritten whole.
+    let written_before = written_bytes(&server);
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..1000 {
+        every.tick().await;
+        session.ack(ack("consumer-1/r0".into())).await.unwrap();
+    }
+    let written = written_bytes(&server) - written_before;
+    peak = peak.max(rss_mib(&server));
+    let disk = dir_bytes(&data);
+    eprintln!(
+        "registry churn: RSS {rss_before} → peak {peak} MiB; data dir {disk_before} → {disk} bytes; \
+         {written} bytes written during 10 s of acks"
+    );
+    assert!(peak < rss_before + 64, "RSS {rss_before} → {peak} MiB");
+    assert!(
+        disk < disk_before + (16 << 20),
+        "data dir {disk_before} → {disk} bytes"
+    );
+    assert!(
+        written < 10 << 20,
+        "{written} bytes written in 10 s of acks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_registry_file_is_set_aside_and_the_core_starts_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::serve_dev(dir.path(), &[]);
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    session
+        .register(RegisterRequest {
+            consumer_id: "consumer-1/edge".into(),
+            endpoint: "10.0.0.1:1".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    drop(session);
+    assert!(server.terminate(Duration::from_secs(15)).success());
+    let registry = dir.path().join("data/consumers.jsonl");
+    assert!(registry.exists(), "the registry was written");
+    std::fs::write(&registry, b"\x00garbage{{{\nnot json either\n").unwrap();
+
+    let server = server.restart_same_ports();
+    let (secret, token) = server.secrets();
+    let (status, body) = hook_put(server.addr("http"), &secret, "w", "1", b"code").await;
+    assert_eq!(status, 201, "{body}");
+    let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+    let mut stream = session.subscribe(subscribe_all()).await.unwrap();
+    assert_eq!(until_synced(&mut stream).await, 1);
+    let (status, _) = admin_get(server.addr("http"), Some(&token), "/v1/consumers").await;
+    assert_eq!(status, 200);
+    let aside: Vec<String> = std::fs::read_dir(dir.path().join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("consumers.jsonl.damaged-"))
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the damaged file is kept aside for the operator"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_bit_flipped_log_tail_starts_a_new_epoch_and_consumers_get_the_next_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::serve_dev(dir.path(), &[]);
+    let log = dir.path().join("data/log");
+    let (secret, _) = server.secrets();
+    for version in ["1", "2"] {
+        let (status, body) = hook_put(server.addr("http"), &secret, "w", version, b"code").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    type Damage = fn(&Path);
+    let cut: Damage = |log| {
+        let len = std::fs::metadata(log).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(log)
+            .unwrap()
+            .set_len(len - 20)
+            .unwrap();
+    };
+    let flip: Damage = |log| {
+        let mut bytes = std::fs::read(log).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x04;
+        std::fs::write(log, bytes).unwrap();
+    };
+    for (what, damage, next) in [("cut", cut, "3"), ("bit-flipped", flip, "4")] {
+        // A consumer that holds the head of the epoch.
+        let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+        let mut stream = session.subscribe(subscribe_all()).await.unwrap();
+        let (epoch, head) = loop {
+            let update = next_update(&mut stream).await;
+            if update.kind == UpdateKind::Synced as i32 {
+                break (update.epoch, update.revision);
+            }
+        };
+        drop(stream);
+        drop(session);
+        assert!(server.terminate(Duration::from_secs(15)).success());
+        assert!(
+            std::fs::metadata(&log).unwrap().len() > 20,
+            "{what}: the log holds records"
+        );
+        damage(&log);
+
+        // The next upload lands before the consumer is back, as the damaged store would give
+        // it the revision the consumer already holds.
+        server = server.restart_same_ports();
+        let (status, body) =
+            hook_put(server.addr("http"), &secret, "w", next, next.as_bytes()).await;
+        assert_eq!(status, 201, "{what}: {body}");
+        let session = grpc_session(&server.certs(), server.addr("grpc"), "consumer-1").await;
+        let mut stream = session
+            .subscribe(SubscribeRequest {
+                resume_revision: head,
+                epoch: epoch.clone(),
+                ..subscribe_all()
+            })
+            .await
+            .unwrap();
+        let first = next_update(&mut stream).await;
+        assert_eq!(first.kind, UpdateKind::Reset as i32, "{what}: {first:?}");
+        assert_ne!(first.epoch, epoch, "{what}: a new epoch");
+        let (snapshot, _) = common::until_synced(&mut stream).await;
+        assert!(
+            snapshot
+                .iter()
+                .any(|u| u.kind == UpdateKind::Put as i32 && u.version == next),
+            "{what}: the consumer receives the upload: {snapshot:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_gets_are_throttled_and_a_signed_out_cookie_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (_, token) = server.secrets();
+    let http = server.addr("http");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // Sign in, use the cookie, sign out: the cookie is refused from then on.
+    let signed_in = client
+        .get(format!("http://{http}/?token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    let set_cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        set_cookie.contains("Max-Age=43200"),
+        "a 12 h expiry: {set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let with_cookie = || {
+        client
+            .get(format!("http://{http}/v1/workers"))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    assert_eq!(with_cookie().await.unwrap().status(), 200);
+    let signed_out = client
+        .post(format!("http://{http}/logout"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 303);
+    assert_eq!(with_cookie().await.unwrap().status(), 401);
+
+    // 2,000 guesses from one address, half through the API and half through the page.
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    let mut retry_after = None;
+    for i in 0..2000 {
+        let request = if i % 2 == 0 {
+            client
+                .get(format!("http://{http}/v1/consumers"))
+                .bearer_auth(format!("guess-{i}"))
+        } else {
+            client.get(format!("http://{http}/?token=guess-{i}"))
+        };
+        let answer = request.send().await.unwrap();
+        if answer.status() == 429 {
+            retry_after = answer.headers().get("retry-after").cloned();
+        }
+        *statuses.entry(answer.status().as_u16()).or_default() += 1;
+    }
+    eprintln!("2,000 wrong-token GETs: {statuses:?}");
+    assert!(
+        statuses.get(&429).copied().unwrap_or(0) > 1900,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) < 60,
+        "{statuses:?}"
+    );
+    assert!(retry_after.is_some(), "429 with Retry-After");
+    // Even the right token waits: the address spent its failures.
+    let (status, _) = admin_get(http, Some(&token), "/v1/workers").await;
+    assert_eq!(status, 429);
+    // Another address is not held by this one's failures.
+    let elsewhere = reqwest::Client::builder()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .build()
+        .unwrap();
+    let answer = elsewhere
+        .get(format!("http://{http}/v1/workers"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(refusals(&server, "hook_auth_failures").await > 1900.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_version_is_refused_naming_the_version_rule_before_any_size_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (_, token) = server.secrets();
+    let (status, body) = upload_with(
+        server.addr("upload"),
+        &token,
+        "",
+        "w",
+        &"1".repeat(2000),
+        b"code",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("version must match") && error.contains("at most 64 characters"),
+        "{error}"
+    );
 }
