@@ -259,6 +259,7 @@ async fn admin_endpoints_need_the_token_and_answer_the_documented_json() {
             "transport",
             "remote",
             "workers",
+            "worker_count",
             "since_ms",
             "delivered_revision",
             "acked_revision",
@@ -270,6 +271,7 @@ async fn admin_endpoints_need_the_token_and_answer_the_documented_json() {
     );
     assert_eq!(consumer["consumer_id"], a.id);
     assert_eq!(consumer["workers"], serde_json::json!(["app"]));
+    assert_eq!(consumer["worker_count"], 1);
     assert_eq!(
         (
             consumer["delivered_revision"].as_u64(),
@@ -362,7 +364,13 @@ async fn status_page_signs_in_once_with_a_cookie_and_drops_the_token_from_the_ur
         .await
         .unwrap();
     assert_eq!(form.status(), 303);
-    assert_eq!(form.headers()["set-cookie"].to_str().unwrap(), set_cookie);
+    // Each sign-in opens its own session, with the same attributes.
+    let second = form.headers()["set-cookie"].to_str().unwrap();
+    let attributes = |cookie: &str| cookie.split_once(';').unwrap().1.to_owned();
+    assert_eq!(attributes(second), attributes(&set_cookie));
+    assert_ne!(second, set_cookie);
+    let second = second.split(';').next().unwrap();
+    assert_eq!(get("/", Some(second)).await.unwrap().status(), 200);
 }
 
 /// Metrics parsed from `/metrics`: (name, sorted labels) → value; histograms as their
