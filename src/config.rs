@@ -5,6 +5,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::core::Bounds;
+
 /// workerpush: push worker code to every edge host, verified, over mTLS gRPC or QUIC.
 #[derive(Debug, Parser)]
 #[command(name = "workerpush", version, about, long_about = None)]
@@ -133,42 +135,42 @@ pub struct CoreArgs {
 }
 
 /// Bounds on what one authenticated client can make the core hold; each refusal is counted
-/// in `workerpush_limit_refusals_total{limit=…}`. Defaults: [`crate::core::Bounds::default`].
+/// in `workerpush_limit_refusals_total{limit=…}`. The defaults live in [`Bounds::default`].
 #[derive(Debug, Args, Clone)]
 pub struct BoundArgs {
     /// Distinct consumer ids (`identity`, `identity/suffix`) one certificate identity may
     /// have, in the registry and among tracked subscriptions. Past it: RESOURCE_EXHAUSTED
     /// (departed ones make room, oldest first).
-    #[arg(long, env = "MAX_CONSUMER_IDS_PER_IDENTITY", default_value_t = 1024, value_parser = at_least_one)]
+    #[arg(long, env = "MAX_CONSUMER_IDS_PER_IDENTITY", default_value_t = Bounds::default().consumer_ids_per_identity, value_parser = at_least_one)]
     pub max_consumer_ids_per_identity: usize,
     /// Consumers remembered after they left; past it the oldest departure is forgotten.
-    #[arg(long, env = "MAX_DEPARTED_CONSUMERS", default_value_t = 10_000, value_parser = at_least_one)]
+    #[arg(long, env = "MAX_DEPARTED_CONSUMERS", default_value_t = Bounds::default().departed_consumers, value_parser = at_least_one)]
     pub max_departed_consumers: usize,
     /// Bytes departed consumers may hold (each distinct filter counted once); past it the
     /// oldest departure is forgotten.
-    #[arg(long, env = "MAX_DEPARTED_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "MAX_DEPARTED_BYTES", default_value_t = Bounds::default().departed_bytes)]
     pub max_departed_bytes: usize,
     /// Worker names one subscription may list (at most 10,000, what any request may carry).
-    #[arg(long, env = "MAX_FILTER_NAMES", default_value_t = 10_000, value_parser = filter_names)]
+    #[arg(long, env = "MAX_FILTER_NAMES", default_value_t = Bounds::default().filter_names, value_parser = filter_names)]
     pub max_filter_names: usize,
     /// Labels one registration may carry.
-    #[arg(long, env = "MAX_LABELS", default_value_t = 64)]
+    #[arg(long, env = "MAX_LABELS", default_value_t = Bounds::default().labels)]
     pub max_labels: usize,
     /// Bytes of one label key, and of one label value.
-    #[arg(long, env = "MAX_LABEL_BYTES", default_value_t = 1024)]
+    #[arg(long, env = "MAX_LABEL_BYTES", default_value_t = Bounds::default().label_bytes)]
     pub max_label_bytes: usize,
     /// Bytes of one registration: endpoint, label keys and values together.
-    #[arg(long, env = "MAX_REGISTRATION_BYTES", default_value_t = 16 << 10)]
+    #[arg(long, env = "MAX_REGISTRATION_BYTES", default_value_t = Bounds::default().registration_bytes)]
     pub max_registration_bytes: usize,
     /// Bytes of a registration's endpoint.
-    #[arg(long, env = "MAX_ENDPOINT_BYTES", default_value_t = 1024)]
+    #[arg(long, env = "MAX_ENDPOINT_BYTES", default_value_t = Bounds::default().endpoint_bytes)]
     pub max_endpoint_bytes: usize,
 }
 
 impl BoundArgs {
     /// The core's bounds.
-    pub fn bounds(&self) -> crate::core::Bounds {
-        crate::core::Bounds {
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
             consumer_ids_per_identity: self.max_consumer_ids_per_identity,
             departed_consumers: self.max_departed_consumers,
             departed_bytes: self.max_departed_bytes,

@@ -38,7 +38,7 @@ pub struct Bounds {
 impl Default for Bounds {
     fn default() -> Self {
         Self {
-            consumer_ids_per_identity: 256,
+            consumer_ids_per_identity: 1024,
             departed_consumers: 10_000,
             departed_bytes: 16 << 20,
             filter_names: super::types::MAX_FILTER_NAMES,

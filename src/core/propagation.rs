@@ -359,7 +359,11 @@ fn filter_weight(filter: &WorkerFilter) -> Option<(usize, usize)> {
     let names = filter.names()?;
     let bytes = names
         .iter()
-        .map(|name| std::mem::size_of::<WorkerName>() + 16 + name.as_str().len())
+        // The name's slot in the slice, and its own allocation (the `Arc` counts and the
+        // text, as the allocator rounds it).
+        .map(|name| {
+            std::mem::size_of::<WorkerName>() + (16 + name.as_str().len()).next_multiple_of(16)
+        })
         .sum();
     Some((names.as_ptr() as usize, bytes))
 }
