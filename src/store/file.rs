@@ -1609,6 +1609,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_snapshot_of_another_epoch_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_compacting(dir.path(), 4, 10).await;
+        commit_history(&store, 25).await;
+        let before = store.load().await.unwrap();
+        store.close().await;
+        assert!(dir.path().join(SNAPSHOT_FILE).exists());
+        // The epoch file of a crash between writing a new epoch and its snapshot.
+        let written = Epoch::generate();
+        write_atomically(dir.path(), EPOCH_FILE, format!("{written}\n").as_bytes()).unwrap();
+
+        let store = open_compacting(dir.path(), 4, 10).await;
+        let after = store.load().await.unwrap();
+        assert!(after.epoch != before.epoch && after.epoch != written);
+        assert_eq!((after.head, &after.latest), (before.head, &before.latest));
+        store.close().await;
+        let store = open_compacting(dir.path(), 4, 10).await;
+        assert_eq!(
+            store.load().await.unwrap().epoch,
+            after.epoch,
+            "and keeps it"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_registry_is_appended_to_and_compacted_once_it_outgrows_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = FileStoreConfig {
+            consumer_flush_interval: Duration::from_millis(1),
+            ..FileStoreConfig::new(10)
+        };
+        let store = FileStore::open_with(dir.path(), config.clone())
+            .await
+            .unwrap();
+        let path = dir.path().join(REGISTRY_FILE);
+        let record = |i: usize, seen: i64| ConsumerRecord {
+            id: ConsumerId::authorize("edge", &format!("edge/h{i}")).unwrap(),
+            endpoint: format!("10.0.0.1:{i}"),
+            labels: BTreeMap::from([("zone".to_owned(), "a".repeat(100))]),
+            transport: "grpc".to_owned(),
+            first_seen_ms: 1,
+            last_seen_ms: seen,
+            last_acked_revision: 0,
+        };
+        let len = || fs::metadata(&path).map_or(0, |m| m.len());
+        // The same thousand records saved again and again: each flush appends the changes.
+        let mut largest = 0;
+        for round in 0..20 {
+            for i in 0..1000 {
+                store.save_consumer(&record(i, round)).await.unwrap();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !lock(&store.shared.registry).dirty.is_empty() {
+                assert!(Instant::now() < deadline, "registry not flushed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            largest = largest.max(len());
+        }
+        // A round is about 230 KB: twenty of them, never compacted, would be 4.6 MB.
+        let one_round = 1000 * 200;
+        assert!(
+            largest > 2 * one_round,
+            "appended, not rewritten: {largest}"
+        );
+        assert!(largest < 1_700_000, "compacted: at most {largest} bytes");
+        store.close().await;
+        let store = FileStore::open_with(dir.path(), config).await.unwrap();
+        let records = store.consumers().await.unwrap();
+        assert_eq!(records.len(), 1000);
+        assert!(
+            records.iter().all(|r| r.last_seen_ms == 19),
+            "the last line of each id wins"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn a_damaged_registry_is_set_aside_and_the_store_opens() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
