@@ -1,15 +1,20 @@
 //! The consumer loop: subscribe, verify, apply through a [`Handler`], acknowledge, and on any
 //! disconnect reconnect with jittered exponential backoff and resume.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ClientError, Session, Transport, verify};
+use super::{ClientError, DEFAULT_MAX_CODE_BYTES, Session, Transport, validate, verify};
 use crate::pb::{
     AckRequest, FetchWorkerRequest, RegisterRequest, SubscribeRequest, UpdateKind, WorkerUpdate,
 };
@@ -43,7 +48,7 @@ impl Default for Backoff {
 }
 
 /// What a consumer asks for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ConsumerOptions {
     /// Empty means the certificate identity.
     pub consumer_id: String,
@@ -55,9 +60,46 @@ pub struct ConsumerOptions {
     pub ack: bool,
     /// Register with this endpoint on every connection, if set.
     pub endpoint: Option<String>,
+    /// Labels sent with the registration (registering when any are set, endpoint or not).
+    pub labels: BTreeMap<String, String>,
+    /// The largest bundle taken; a larger announced size is refused without fetching.
+    pub max_code_bytes: u64,
+    /// Delays between background fetches of a bundle that could not be fetched or verified.
+    pub fetch_retry: Backoff,
+    /// How long one fetch may take before it counts as failed (and is retried later).
+    pub fetch_timeout: Duration,
 }
 
-/// Applies what the consumer receives. Code handed to [`Handler::put`] is verified.
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            consumer_id: String::new(),
+            workers: Vec::new(),
+            backoff: Backoff::default(),
+            ack: false,
+            endpoint: None,
+            labels: BTreeMap::new(),
+            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
+            fetch_retry: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            fetch_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A change the consumer nacked before it reached [`Handler::put`] or [`Handler::delete`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why, as sent to the server with the nack.
+    pub reason: String,
+    /// Whether its bundle is fetched again in the background (and applied when that works).
+    pub retrying: bool,
+}
+
+/// Applies what the consumer receives. Code handed to [`Handler::put`] is verified, and every
+/// string of an update handed to the handler is valid ([`super::validate`]).
 #[async_trait]
 pub trait Handler: Send {
     /// Make `code` the worker's current version. An `Err` is reported to the server as a
@@ -70,6 +112,9 @@ pub trait Handler: Send {
     /// SYNCED: everything up to its revision is held. When it ends a RESET, `snapshot` names
     /// the workers the snapshot held: every other worker must go.
     async fn synced(&mut self, update: &WorkerUpdate, snapshot: Option<&BTreeSet<String>>);
+    /// A change refused before applying (invalid, too large, not fetched, not verified), and
+    /// nacked. Its strings may be anything the server sent: escape them before printing.
+    fn refused(&mut self, _update: &WorkerUpdate, _refusal: &Refusal) {}
     /// The position to persist, so that a restart resumes.
     async fn position(&mut self, _position: &Position) {}
     /// A connection was established.
@@ -84,6 +129,15 @@ pub struct Consumer<T> {
     options: ConsumerOptions,
     position: Option<Position>,
     acks: Arc<PendingAcks>,
+    /// PUTs nacked because their bundle could not be fetched or verified, by worker: fetched
+    /// again in the background until it works or a newer change of the worker supersedes them.
+    unfetched: BTreeMap<String, WorkerUpdate>,
+}
+
+/// Background fetches of `unfetched` bundles, and where their results arrive.
+struct Refetches {
+    tasks: BTreeMap<String, AbortOnDrop>,
+    done: mpsc::Sender<(WorkerUpdate, Bytes)>,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -94,6 +148,7 @@ impl<T: Transport> Consumer<T> {
             options,
             position,
             acks: Arc::new(PendingAcks::default()),
+            unfetched: BTreeMap::new(),
         }
     }
 
@@ -102,16 +157,28 @@ impl<T: Transport> Consumer<T> {
         self.position.as_ref()
     }
 
-    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`).
+    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`); then closes
+    /// the transport's connections.
     pub async fn run(
         &mut self,
         handler: &mut dyn Handler,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
+        let result = self.reconnecting(handler, &shutdown).await;
+        self.transport.close().await;
+        result
+    }
+
+    async fn reconnecting(
+        &mut self,
+        handler: &mut dyn Handler,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClientError> {
         let mut cap = self.options.backoff.initial;
         loop {
-            let mut progressed = false;
-            let result = self.session(handler, &mut progressed, &shutdown).await;
+            let before = self.position.clone();
+            let started = tokio::time::Instant::now();
+            let result = self.session(handler, shutdown).await;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -120,7 +187,10 @@ impl<T: Transport> Consumer<T> {
                 Err(error) if !error.is_retryable() => return Err(error),
                 Err(error) => error,
             };
-            if progressed {
+            // Progress is a position beyond the one the session started from (a RESET that
+            // leads back to the same place is none), or a session that lived long.
+            let moved = self.position.is_some() && self.position != before;
+            if moved || started.elapsed() >= self.options.backoff.max {
                 cap = self.options.backoff.initial;
             }
             let delay = jitter(cap);
@@ -137,7 +207,6 @@ impl<T: Transport> Consumer<T> {
     async fn session(
         &mut self,
         handler: &mut dyn Handler,
-        progressed: &mut bool,
         shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
         let connect = self.transport.connect();
@@ -145,12 +214,12 @@ impl<T: Transport> Consumer<T> {
             session = connect => Arc::from(session?),
             () = shutdown.cancelled() => return Ok(()),
         };
-        if let Some(endpoint) = &self.options.endpoint {
+        if self.options.endpoint.is_some() || !self.options.labels.is_empty() {
             session
-                .register(crate::pb::RegisterRequest {
+                .register(RegisterRequest {
                     consumer_id: self.options.consumer_id.clone(),
-                    endpoint: endpoint.clone(),
-                    ..RegisterRequest::default()
+                    endpoint: self.options.endpoint.clone().unwrap_or_default(),
+                    labels: self.options.labels.clone().into_iter().collect(),
                 })
                 .await?;
         }
@@ -173,10 +242,22 @@ impl<T: Transport> Consumer<T> {
             .options
             .ack
             .then(|| AbortOnDrop(tokio::spawn(send_acks(session.clone(), self.acks.clone()))));
+        let (done, mut fetched) = mpsc::channel(16);
+        let mut refetches = Refetches {
+            tasks: BTreeMap::new(),
+            done,
+        };
+        for update in self.unfetched.values() {
+            self.refetch(&mut refetches, &session, update.clone());
+        }
         let mut snapshot: Option<BTreeSet<String>> = None;
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
+                Some((update, code)) = fetched.recv() => {
+                    self.refetched(handler, &mut refetches, update, code).await;
+                    continue;
+                }
                 () = shutdown.cancelled() => {
                     // Stopping cleanly: report what was applied before letting go.
                     self.acks.drained(ACK_FLUSH).await;
@@ -192,59 +273,142 @@ impl<T: Transport> Consumer<T> {
                 }
                 other => other,
             })?;
-            *progressed = true;
             let kind = UpdateKind::try_from(update.kind).unwrap_or(UpdateKind::Unspecified);
-            let applied = match kind {
-                UpdateKind::Reset => {
+            let valid = validate(&update, self.options.max_code_bytes);
+            if let (Err(reason), UpdateKind::Reset | UpdateKind::Synced) = (&valid, kind) {
+                // Nothing to nack: the position stays where it was, and the next session
+                // starts from it.
+                return Err(ClientError::Verification(format!(
+                    "from the server: {reason}"
+                )));
+            }
+            if matches!(kind, UpdateKind::Put | UpdateKind::Delete) {
+                // A newer change of the worker supersedes a bundle still being fetched again.
+                self.unfetched.remove(&update.worker_name);
+                refetches.tasks.remove(&update.worker_name);
+            }
+            let applied = match (kind, valid) {
+                (UpdateKind::Put | UpdateKind::Delete, Err(reason)) => {
+                    handler.refused(
+                        &update,
+                        &Refusal {
+                            reason: reason.clone(),
+                            retrying: false,
+                        },
+                    );
+                    Err(reason)
+                }
+                (UpdateKind::Reset, _) => {
                     // Until the SYNCED that ends the snapshot, there is no position to resume
-                    // from: a disconnect now must start over.
+                    // from: a disconnect now must start over. The snapshot sends every worker
+                    // again, those still being fetched again included.
                     self.position = None;
+                    self.unfetched.clear();
+                    refetches.tasks.clear();
                     snapshot = Some(BTreeSet::new());
                     handler.reset(&update).await;
                     continue;
                 }
-                UpdateKind::Synced => {
+                (UpdateKind::Synced, _) => {
                     handler.synced(&update, snapshot.as_ref()).await;
                     snapshot = None;
                     self.advance(handler, &update).await;
                     continue;
                 }
-                UpdateKind::Put => {
+                (UpdateKind::Put, Ok(())) => {
                     if let Some(names) = &mut snapshot {
                         names.insert(update.worker_name.clone());
                     }
-                    match self.code(&*session, &update).await {
+                    let code = verified_code(&*session, &update, self.options.fetch_timeout, false);
+                    match code.await {
                         Ok(code) => handler.put(&update, code).await,
-                        Err(error)
-                            if error.is_retryable()
-                                && !matches!(error, ClientError::Verification(_)) =>
-                        {
-                            return Err(error);
+                        Err(error) => {
+                            let reason = error.to_string();
+                            handler.refused(
+                                &update,
+                                &Refusal {
+                                    reason: reason.clone(),
+                                    retrying: true,
+                                },
+                            );
+                            self.unfetched
+                                .insert(update.worker_name.clone(), update.clone());
+                            self.refetch(&mut refetches, &session, update.clone());
+                            Err(reason)
                         }
-                        Err(error) => Err(error.to_string()),
                     }
                 }
-                UpdateKind::Delete => handler.delete(&update).await,
-                UpdateKind::Unspecified => continue,
+                (UpdateKind::Delete, Ok(())) => handler.delete(&update).await,
+                (UpdateKind::Unspecified, _) => continue,
             };
-            if self.options.ack {
-                let (applied, error) = match &applied {
-                    Ok(()) => (true, String::new()),
-                    Err(reason) => (false, reason.clone()),
-                };
-                self.acks.push(AckRequest {
-                    consumer_id: self.options.consumer_id.clone(),
-                    worker_name: update.worker_name.clone(),
-                    revision: update.revision,
-                    applied,
-                    error,
-                });
-            }
+            self.report(&update, &applied);
             if snapshot.is_none() {
                 self.advance(handler, &update).await;
             }
         }
         Ok(())
+    }
+
+    /// Starts fetching `update`'s bundle again in the background, with backoff.
+    fn refetch(&self, refetches: &mut Refetches, session: &Arc<dyn Session>, update: WorkerUpdate) {
+        let session = session.clone();
+        let done = refetches.done.clone();
+        let backoff = self.options.fetch_retry;
+        let timeout = self.options.fetch_timeout;
+        let worker = update.worker_name.clone();
+        let task = tokio::spawn(async move {
+            let mut cap = backoff.initial;
+            loop {
+                tokio::time::sleep(jitter(cap)).await;
+                cap = (cap * 2).min(backoff.max);
+                match verified_code(&*session, &update, timeout, true).await {
+                    Ok(code) => {
+                        let _ = done.send((update, code)).await;
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(worker = %update.worker_name, %error, "fetch failed again");
+                    }
+                }
+            }
+        });
+        refetches.tasks.insert(worker, AbortOnDrop(task));
+    }
+
+    /// A bundle fetched again came through: applied (and acked) unless superseded meanwhile.
+    async fn refetched(
+        &mut self,
+        handler: &mut dyn Handler,
+        refetches: &mut Refetches,
+        update: WorkerUpdate,
+        code: Bytes,
+    ) {
+        let current = self.unfetched.get(&update.worker_name);
+        if current.map(|u| u.revision) != Some(update.revision) {
+            return;
+        }
+        self.unfetched.remove(&update.worker_name);
+        refetches.tasks.remove(&update.worker_name);
+        let applied = handler.put(&update, code).await;
+        self.report(&update, &applied);
+    }
+
+    /// Queues the ack (applied, or the reason it was not) of a change.
+    fn report(&self, update: &WorkerUpdate, applied: &Result<(), String>) {
+        if !self.options.ack {
+            return;
+        }
+        let (applied, error) = match applied {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason.clone()),
+        };
+        self.acks.push(AckRequest {
+            consumer_id: self.options.consumer_id.clone(),
+            worker_name: update.worker_name.clone(),
+            revision: update.revision,
+            applied,
+            error,
+        });
     }
 
     async fn advance(&mut self, handler: &mut dyn Handler, update: &WorkerUpdate) {
@@ -255,33 +419,37 @@ impl<T: Transport> Consumer<T> {
         handler.position(&position).await;
         self.position = Some(position);
     }
+}
 
-    /// The verified code of a PUT: inline, or fetched.
-    async fn code(
-        &self,
-        session: &dyn Session,
-        update: &WorkerUpdate,
-    ) -> Result<Bytes, ClientError> {
-        let code = if update.worker_code.is_empty() && update.size > 0 {
-            let (checksum, code) = session
-                .fetch(FetchWorkerRequest {
-                    worker_name: update.worker_name.clone(),
-                    version: update.version.clone(),
-                })
-                .await?;
-            if checksum != update.checksum {
-                return Err(ClientError::Verification(format!(
-                    "fetched checksum {checksum} instead of {}",
-                    update.checksum
-                )));
-            }
-            code
-        } else {
-            update.worker_code.clone()
-        };
-        verify(&code, &update.checksum, update.size)?;
-        Ok(code)
-    }
+/// The verified code of a PUT: inline (unless `always_fetch`), or fetched within `timeout`.
+async fn verified_code(
+    session: &dyn Session,
+    update: &WorkerUpdate,
+    timeout: Duration,
+    always_fetch: bool,
+) -> Result<Bytes, ClientError> {
+    let inline = !update.worker_code.is_empty() || update.size == 0;
+    let code = if inline && !always_fetch {
+        update.worker_code.clone()
+    } else {
+        let fetch = session.fetch(FetchWorkerRequest {
+            worker_name: update.worker_name.clone(),
+            version: update.version.clone(),
+        });
+        let (checksum, code) = tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| ClientError::Transport(format!("fetch not done within {timeout:?}")))??;
+        if !checksum.eq_ignore_ascii_case(&update.checksum) {
+            return Err(ClientError::Verification(format!(
+                "fetched checksum {:?} instead of {}",
+                checksum.chars().take(64).collect::<String>(),
+                update.checksum
+            )));
+        }
+        code
+    };
+    verify(&code, &update.checksum, update.size)?;
+    Ok(code)
 }
 
 /// How long a consumer told to stop waits for its pending acks to go out.

@@ -1,0 +1,436 @@
+//! The `--out` directory as `watch` keeps it: a lock so that one agent writes it, a manifest of
+//! the worker and version directories `watch` created (it touches nothing else), and writes
+//! that never go through a symlink it did not make and are durable before they are acked.
+//!
+//! Layout: `<out>/<worker>/<version>/worker.js`, plus `.workerpush.lock`,
+//! `.workerpush-manifest.json` and `.workerpush-position.json`. Depends on `core` types only.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::core::{Version, WorkerName};
+
+/// The lock file: held with an exclusive lock while an agent runs.
+pub const LOCK_FILE: &str = ".workerpush.lock";
+/// The manifest: which directories this agent made, and for which deployment.
+pub const MANIFEST_FILE: &str = ".workerpush-manifest.json";
+/// The name of each worker's code file.
+pub const CODE_FILE: &str = "worker.js";
+
+/// Why `--out` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OutDirError {
+    /// Another agent holds the lock.
+    #[error("--out {0} is in use by another workerpush watch (its lock {LOCK_FILE} is held)")]
+    Locked(PathBuf),
+    /// The manifest names another deployment.
+    #[error(
+        "--out {path} belongs to another deployment ({theirs}; this one is {ours}): give another \
+         --out, or remove {MANIFEST_FILE} there to hand the directory over"
+    )]
+    Foreign {
+        /// The directory.
+        path: PathBuf,
+        /// The deployment in its manifest.
+        theirs: String,
+        /// This agent's deployment.
+        ours: String,
+    },
+    /// Reading or writing failed.
+    #[error("--out {path}: {error}")]
+    Io {
+        /// What was being accessed.
+        path: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+}
+
+/// What the manifest records.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Manifest {
+    /// Who writes this directory: see [`OutDir::open`].
+    deployment: String,
+    /// Worker → version → checksum of every directory this agent created.
+    workers: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A version written beside the current one, not yet made current.
+#[derive(Debug)]
+pub struct Staged {
+    /// `<out>/<worker>/<version>/worker.js`.
+    pub path: PathBuf,
+    /// Whether its directory is new (and so is removed again if the change is refused).
+    created: bool,
+    worker: String,
+    version: String,
+}
+
+/// The locked `--out` directory.
+pub struct OutDir {
+    root: PathBuf,
+    manifest: Manifest,
+    /// Held for the life of the agent; the lock goes with the descriptor.
+    _lock: File,
+}
+
+impl OutDir {
+    /// Creates `path` if needed, locks it, and reads (or starts) its manifest. `deployment`
+    /// names who writes here; a manifest naming another is refused.
+    pub fn open(path: &Path, deployment: &str) -> Result<Self, OutDirError> {
+        let io = |error| OutDirError::Io {
+            path: path.to_owned(),
+            error,
+        };
+        fs::create_dir_all(path).map_err(io)?;
+        // The operator's `--out` may itself be a symlink: resolved once, here.
+        let root = fs::canonicalize(path).map_err(io)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(no_follow())
+            .open(root.join(LOCK_FILE))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(OutDirError::Locked(root)),
+            Err(fs::TryLockError::Error(error)) => return Err(io(error)),
+        }
+        let manifest = match read_file(&root.join(MANIFEST_FILE)) {
+            Ok(bytes) => serde_json::from_slice::<Manifest>(&bytes).map_err(|e| {
+                io(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{MANIFEST_FILE}: {e}"),
+                ))
+            })?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Manifest {
+                deployment: deployment.to_owned(),
+                workers: BTreeMap::new(),
+            },
+            Err(error) => return Err(io(error)),
+        };
+        if manifest.deployment != deployment {
+            return Err(OutDirError::Foreign {
+                path: root,
+                theirs: manifest.deployment,
+                ours: deployment.to_owned(),
+            });
+        }
+        let out = Self {
+            root,
+            manifest,
+            _lock: lock,
+        };
+        out.save().map_err(io)?;
+        Ok(out)
+    }
+
+    /// The directory (resolved).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether `worker`@`version` with `checksum` is on disk already, as the only version: a
+    /// snapshot after a RESET then rewrites nothing.
+    pub fn holds(&self, worker: &WorkerName, version: &Version, checksum: &str) -> bool {
+        let Some(versions) = self.manifest.workers.get(worker.as_str()) else {
+            return false;
+        };
+        if versions.len() != 1
+            || versions.get(version.as_str()).map(String::as_str) != Some(checksum)
+        {
+            return false;
+        }
+        let path = self.code_path(worker.as_str(), version.as_str());
+        read_file(&path).is_ok_and(|code| hex::encode(Sha256::digest(&code)) == checksum)
+    }
+
+    /// Writes `code` as `worker`@`version` beside the current version (durably: file and
+    /// directories synced), creating only directories that do not exist and recording them
+    /// first. Refuses a path held by anything it did not create.
+    pub fn stage(
+        &mut self,
+        worker: &WorkerName,
+        version: &Version,
+        checksum: &str,
+        code: &[u8],
+    ) -> Result<Staged, String> {
+        let (worker, version) = (worker.as_str(), version.as_str());
+        let worker_dir = self.root.join(worker);
+        if self.manifest.workers.contains_key(worker) {
+            own_dir(&worker_dir)?;
+        } else {
+            absent(&worker_dir)?;
+            self.manifest
+                .workers
+                .insert(worker.to_owned(), BTreeMap::new());
+            self.save().map_err(|e| e.to_string())?;
+            create_dir(&worker_dir, &self.root)?;
+        }
+        let version_dir = worker_dir.join(version);
+        let known = self.versions(worker).contains_key(version);
+        if known {
+            own_dir(&version_dir)?;
+        } else {
+            absent(&version_dir)?;
+            self.versions_mut(worker)
+                .insert(version.to_owned(), checksum.to_owned());
+            self.save().map_err(|e| e.to_string())?;
+            create_dir(&version_dir, &worker_dir)?;
+        }
+        write_durably(&version_dir, CODE_FILE, code)
+            .map_err(|e| format!("{}: {e}", version_dir.join(CODE_FILE).display()))?;
+        self.versions_mut(worker)
+            .insert(version.to_owned(), checksum.to_owned());
+        self.save().map_err(|e| e.to_string())?;
+        Ok(Staged {
+            path: version_dir.join(CODE_FILE),
+            created: !known,
+            worker: worker.to_owned(),
+            version: version.to_owned(),
+        })
+    }
+
+    /// Makes a staged version current: removes the worker's other versions (those it made).
+    pub fn commit(&mut self, staged: &Staged) -> Result<(), String> {
+        let others: Vec<String> = (self.versions(&staged.worker).keys())
+            .filter(|v| **v != staged.version)
+            .cloned()
+            .collect();
+        let worker_dir = self.root.join(&staged.worker);
+        for version in others {
+            remove_own_dir(&worker_dir.join(&version))?;
+            self.versions_mut(&staged.worker).remove(&version);
+        }
+        sync_dir(&worker_dir).map_err(|e| e.to_string())?;
+        self.save().map_err(|e| e.to_string())
+    }
+
+    /// Takes a staged version back (its `--exec` refused it): the previous one stays current.
+    pub fn discard(&mut self, staged: Staged) -> Result<(), String> {
+        if !staged.created {
+            return Ok(());
+        }
+        remove_own_dir(&self.root.join(&staged.worker).join(&staged.version))?;
+        self.versions_mut(&staged.worker).remove(&staged.version);
+        self.save().map_err(|e| e.to_string())
+    }
+
+    /// Removes `worker`'s directory if this agent made it; anything else is left alone.
+    pub fn remove_worker(&mut self, worker: &WorkerName) -> Result<(), String> {
+        if !self.manifest.workers.contains_key(worker.as_str()) {
+            return Ok(());
+        }
+        remove_own_dir(&self.root.join(worker.as_str()))?;
+        self.manifest.workers.remove(worker.as_str());
+        sync_dir(&self.root).map_err(|e| e.to_string())?;
+        self.save().map_err(|e| e.to_string())
+    }
+
+    /// Removes every worker it made that `keep` does not name (after a RESET's snapshot).
+    pub fn retain(&mut self, keep: &BTreeSet<String>) -> Vec<String> {
+        let gone: Vec<String> = (self.manifest.workers.keys())
+            .filter(|w| !keep.contains(*w))
+            .cloned()
+            .collect();
+        let mut removed = Vec::new();
+        for worker in gone {
+            let Ok(name) = WorkerName::parse(&worker) else {
+                continue;
+            };
+            match self.remove_worker(&name) {
+                Ok(()) => removed.push(worker),
+                Err(error) => tracing::warn!(%worker, %error, "could not remove a worker"),
+            }
+        }
+        removed
+    }
+
+    /// `<out>/<worker>/<version>/worker.js`.
+    pub fn code_path(&self, worker: &str, version: &str) -> PathBuf {
+        self.root.join(worker).join(version).join(CODE_FILE)
+    }
+
+    /// Writes `name` in the directory durably (never through a link).
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> io::Result<()> {
+        write_durably(&self.root, name, contents)
+    }
+
+    /// Reads `name` from the directory (never through a link).
+    pub fn read(&self, name: &str) -> io::Result<Vec<u8>> {
+        read_file(&self.root.join(name))
+    }
+
+    fn versions(&self, worker: &str) -> &BTreeMap<String, String> {
+        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+        self.manifest.workers.get(worker).unwrap_or(&EMPTY)
+    }
+
+    fn versions_mut(&mut self, worker: &str) -> &mut BTreeMap<String, String> {
+        self.manifest.workers.entry(worker.to_owned()).or_default()
+    }
+
+    fn save(&self) -> io::Result<()> {
+        let text = serde_json::to_vec_pretty(&self.manifest).map_err(io::Error::other)?;
+        write_durably(&self.root, MANIFEST_FILE, &text)
+    }
+}
+
+/// `O_NOFOLLOW`: opening a symlink fails instead of following it.
+fn no_follow() -> i32 {
+    // The flag's bits fit an `open` flag argument by definition.
+    i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
+}
+
+/// Reads a regular file, refusing a symlink in its place.
+fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(no_follow())
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Nothing is at `path`, not even a dangling link.
+fn absent(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+        Ok(_) => Err(format!(
+            "{} exists and was not made by workerpush watch: left alone",
+            path.display()
+        )),
+    }
+}
+
+/// `path` is a real directory (not a link to one): the one this agent made.
+fn own_dir(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_dir() => Ok(()),
+        Ok(_) => Err(format!(
+            "{} was replaced by something workerpush watch did not make: left alone",
+            path.display()
+        )),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+    }
+}
+
+/// Creates `path` (failing if anything appeared there) and syncs its parent.
+fn create_dir(path: &Path, parent: &Path) -> Result<(), String> {
+    fs::create_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    sync_dir(parent).map_err(|e| format!("{}: {e}", parent.display()))
+}
+
+/// Removes a directory this agent made, if it is still a real directory (`remove_dir_all`
+/// does not follow links inside it).
+fn remove_own_dir(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+        Ok(meta) if meta.file_type().is_dir() => {
+            fs::remove_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        Ok(_) => Err(format!(
+            "{} was replaced by something workerpush watch did not make: left alone",
+            path.display()
+        )),
+    }
+}
+
+/// Writes `dir/name` as a new file with a unique name created exclusively (a link planted
+/// at any name is never followed), synced, renamed into place, and the directory synced.
+fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(no_follow())
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, dir.join(name))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn names(worker: &str, version: &str) -> (WorkerName, Version) {
+        (
+            WorkerName::parse(worker).unwrap(),
+            Version::parse(version).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_second_agent_and_another_deployment_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = OutDir::open(dir.path(), "a").unwrap();
+        assert!(matches!(
+            OutDir::open(dir.path(), "a"),
+            Err(OutDirError::Locked(_))
+        ));
+        drop(first);
+        assert!(matches!(
+            OutDir::open(dir.path(), "b"),
+            Err(OutDirError::Foreign { .. })
+        ));
+        OutDir::open(dir.path(), "a").unwrap();
+    }
+
+    #[test]
+    fn only_what_it_made_is_written_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("src")).unwrap();
+        let mut out = OutDir::open(dir.path(), "a").unwrap();
+        let (src, v1) = names("src", "1");
+        assert!(out.stage(&src, &v1, "00", b"x").is_err(), "not ours");
+        let (app, _) = names("app", "1");
+        let staged = out.stage(&app, &v1, "00", b"one").unwrap();
+        out.commit(&staged).unwrap();
+        out.retain(&BTreeSet::new());
+        assert!(dir.path().join("src").is_dir());
+        assert!(!dir.path().join("app").exists());
+    }
+
+    #[test]
+    fn a_refused_version_leaves_the_previous_one_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = OutDir::open(dir.path(), "a").unwrap();
+        let (app, v1) = names("app", "1");
+        let (_, v2) = names("app", "2");
+        let one = out.stage(&app, &v1, "c1", b"one").unwrap();
+        out.commit(&one).unwrap();
+        let two = out.stage(&app, &v2, "c2", b"two").unwrap();
+        out.discard(two).unwrap();
+        assert_eq!(fs::read(out.code_path("app", "1")).unwrap(), b"one");
+        assert!(!dir.path().join("app/2").exists());
+        let checksum = hex::encode(Sha256::digest(b"one"));
+        assert!(!out.holds(&app, &v1, &checksum), "manifest says c1");
+    }
+}
