@@ -321,6 +321,8 @@ struct HostileCore {
 }
 
 const TERABYTE: i64 = 1 << 40;
+/// A worker name that would clear a terminal.
+const EVIL: &str = "evil\0\u{1b}[2J";
 const CHUNK: usize = 1 << 20;
 
 fn update(kind: UpdateKind, revision: u64, worker: &str, size: i64) -> EncodedUpdate {
@@ -356,7 +358,8 @@ impl ControlPlane for HostileCore {
             update(UpdateKind::Put, 1, "tera", TERABYTE),
             update(UpdateKind::Put, 2, "liar", 5 << 20),
             update(UpdateKind::Put, 3, "flood", 5 << 20),
-            update(UpdateKind::Synced, 3, "", 0),
+            update(UpdateKind::Put, 4, EVIL, 5),
+            update(UpdateKind::Synced, 4, "", 0),
         ];
         let stream = futures_util::stream::iter(updates.map(Ok::<_, tonic::Status>))
             .chain(futures_util::stream::pending());
@@ -485,12 +488,21 @@ async fn a_core_announcing_a_terabyte_cannot_grow_watch_and_is_nacked() {
 
     let out = dir.path().join("workers");
     let watch = WatchProcess::start(dir.path(), "grpc", port, &out, &[]);
-    for worker in ["tera", "liar", "flood"] {
-        watch.wait_for("PUT", worker, "1");
+    for worker in ["tera", "liar", "flood", EVIL] {
+        let put = watch.wait_for("PUT", worker, "1");
+        assert_eq!(put["refused"], true, "{put}");
     }
-    eventually(Duration::from_secs(20), "three nacks", || {
+    let evil = watch.wait_for("PUT", EVIL, "1");
+    assert!(
+        evil["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid worker name"),
+        "{evil}"
+    );
+    eventually(Duration::from_secs(20), "four nacks", || {
         let acks = acks.lock().unwrap();
-        ["tera", "liar", "flood"].iter().all(|w| {
+        ["tera", "liar", "flood", EVIL].iter().all(|w| {
             acks.iter()
                 .any(|a| a.worker_name == *w && !a.applied && !a.error.is_empty())
         })
@@ -547,6 +559,10 @@ async fn exec_decides_the_ack_and_a_refused_version_leaves_the_previous_one() {
         "put app 1 v1\nput app 2 v2\n",
         "the command saw the new code at its path"
     );
+    // Refused, so a restart starts from a snapshot (and asks the command again).
+    let saved = std::fs::read(out.join(".workerpush-position.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    assert_eq!(saved["unapplied"], serde_json::json!(["app"]), "{saved}");
 }
 
 #[tokio::test]

@@ -157,23 +157,20 @@ impl<T: Transport> Consumer<T> {
         self.position.as_ref()
     }
 
-    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`); then closes
-    /// the transport's connections.
+    /// Closes the transport's connections, so that the server sees this consumer leave at
+    /// once (QUIC otherwise waits for its idle timeout). The consumer cannot connect after.
+    pub async fn close(self) {
+        self.transport.close().await;
+    }
+
+    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`). It may run
+    /// again after (it resumes from where it was).
     pub async fn run(
         &mut self,
         handler: &mut dyn Handler,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
-        let result = self.reconnecting(handler, &shutdown).await;
-        self.transport.close().await;
-        result
-    }
-
-    async fn reconnecting(
-        &mut self,
-        handler: &mut dyn Handler,
-        shutdown: &CancellationToken,
-    ) -> Result<(), ClientError> {
+        let shutdown = &shutdown;
         let mut cap = self.options.backoff.initial;
         loop {
             let before = self.position.clone();
@@ -667,5 +664,192 @@ mod tests {
             [("a".to_owned(), 3), ("b".to_owned(), 2)],
             "latest per worker"
         );
+    }
+
+    /// A server that sends `updates` on every subscription (then ends it, or keeps it open),
+    /// and fails the first `fetch_failures` fetches.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        updates: Vec<WorkerUpdate>,
+        keep_open: bool,
+        code: Bytes,
+        fetch_failures: usize,
+        connects: Arc<std::sync::atomic::AtomicUsize>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+        acks: Arc<Mutex<Vec<AckRequest>>>,
+    }
+
+    #[async_trait]
+    impl Transport for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        async fn connect(&self) -> Result<Box<dyn Session>, ClientError> {
+            self.connects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl Session for Scripted {
+        async fn subscribe(&self, _: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+            let updates = futures_util::stream::iter(self.updates.clone().into_iter().map(Ok));
+            if self.keep_open {
+                Ok(Box::pin(updates.chain(futures_util::stream::pending())))
+            } else {
+                Ok(Box::pin(updates))
+            }
+        }
+        async fn fetch(&self, _: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+            let n = self
+                .fetches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < self.fetch_failures {
+                return Err(ClientError::Status {
+                    code: 13,
+                    message: "internal error".into(),
+                });
+            }
+            let checksum = crate::core::Checksum::of(&self.code);
+            Ok((checksum.as_str().to_owned(), self.code.clone()))
+        }
+        async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+            self.acks.lock().unwrap().push(request);
+            Ok(())
+        }
+        async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+            Ok(RegisterResponse::default())
+        }
+        async fn list(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+            Ok(ListWorkersResponse::default())
+        }
+    }
+
+    fn marker(kind: UpdateKind, revision: u64) -> WorkerUpdate {
+        WorkerUpdate {
+            kind: kind as i32,
+            revision,
+            epoch: "e".into(),
+            ..WorkerUpdate::default()
+        }
+    }
+
+    /// Records what it was handed.
+    #[derive(Default)]
+    struct Applied {
+        puts: Vec<(String, Bytes)>,
+        refusals: Vec<(String, Refusal)>,
+    }
+
+    #[async_trait]
+    impl Handler for Applied {
+        async fn put(&mut self, update: &WorkerUpdate, code: Bytes) -> Result<(), String> {
+            self.puts.push((update.worker_name.clone(), code));
+            Ok(())
+        }
+        async fn delete(&mut self, _: &WorkerUpdate) -> Result<(), String> {
+            Ok(())
+        }
+        async fn synced(&mut self, _: &WorkerUpdate, _: Option<&BTreeSet<String>>) {}
+        fn refused(&mut self, update: &WorkerUpdate, refusal: &Refusal) {
+            self.refusals
+                .push((update.worker_name.clone(), refusal.clone()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_that_only_reset_to_the_same_place_back_off() {
+        let server = Scripted {
+            updates: vec![marker(UpdateKind::Reset, 0), marker(UpdateKind::Synced, 5)],
+            ..Scripted::default()
+        };
+        let position = Position {
+            epoch: "e".into(),
+            revision: 5,
+        };
+        let mut consumer =
+            Consumer::new(server.clone(), ConsumerOptions::default(), Some(position));
+        let mut handler = Applied::default();
+        let stop = CancellationToken::new();
+        tokio::select! {
+            _ = consumer.run(&mut handler, stop) => panic!("retryable: runs on"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        // Caps 100 ms, 200 ms, … each delay at least half its cap: at most 7 in 5 s.
+        let connects = server.connects.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((4..=7).contains(&connects), "{connects} connections in 5 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bundle_that_fails_to_fetch_is_nacked_skipped_and_acked_once_fetched() {
+        let code = Bytes::from_static(b"export default {}");
+        let put = |worker: &str, revision| WorkerUpdate {
+            kind: UpdateKind::Put as i32,
+            revision,
+            epoch: "e".into(),
+            worker_name: worker.into(),
+            version: "1".into(),
+            checksum: crate::core::Checksum::of(&code).as_str().to_owned(),
+            size: code.len() as i64,
+            // "late" travels inline; "bad" must be fetched.
+            worker_code: if worker == "late" {
+                code.clone()
+            } else {
+                Bytes::new()
+            },
+            ..WorkerUpdate::default()
+        };
+        let server = Scripted {
+            updates: vec![
+                marker(UpdateKind::Reset, 0),
+                put("bad", 1),
+                put("late", 2),
+                marker(UpdateKind::Synced, 2),
+            ],
+            keep_open: true,
+            code: code.clone(),
+            fetch_failures: 3,
+            ..Scripted::default()
+        };
+        let options = ConsumerOptions {
+            ack: true,
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = Consumer::new(server.clone(), options, None);
+        let mut handler = Applied::default();
+        let stop = CancellationToken::new();
+        let acked = |worker: &str, applied: bool| {
+            server
+                .acks
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|a| a.worker_name == worker && a.applied == applied)
+        };
+        {
+            let run = consumer.run(&mut handler, stop.clone());
+            tokio::pin!(run);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !acked("bad", true) {
+                assert!(tokio::time::Instant::now() < deadline, "never applied");
+                tokio::select! {
+                    _ = &mut run => panic!("the consumer stopped"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            stop.cancel();
+            run.await.unwrap();
+        }
+        assert!(acked("bad", false), "nacked first");
+        assert_eq!(handler.refusals.len(), 1);
+        assert!(handler.refusals[0].1.retrying);
+        let order: Vec<&str> = handler.puts.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(order, ["late", "bad"], "the feed went on past it");
+        assert_eq!(
+            server.connects.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(consumer.position().unwrap().revision, 2);
     }
 }

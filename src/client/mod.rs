@@ -100,7 +100,8 @@ pub trait Transport: Send + Sync {
     /// Connects and completes the handshake.
     async fn connect(&self) -> Result<Box<dyn Session>, ClientError>;
     /// Closes every connection this transport made and waits (briefly) until the server was
-    /// told, so that a stopped consumer shows as gone at once rather than after a timeout.
+    /// told, so that a stopped consumer shows as gone at once rather than after a timeout. A
+    /// closed transport may not connect again.
     async fn close(&self) {}
 }
 
@@ -229,6 +230,86 @@ mod tests {
         let checksum = crate::core::Checksum::of(CODE);
         verify(CODE, checksum.as_str(), 17).unwrap();
         verify(CODE, &checksum.as_str().to_ascii_uppercase(), 17).unwrap();
+    }
+
+    fn chunk(size: i64, offset: i64, data: &'static [u8]) -> WorkerChunk {
+        WorkerChunk {
+            checksum: "c".into(),
+            size,
+            offset,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn a_fetch_stops_at_the_announced_size_and_at_the_maximum() {
+        let mut whole = Assembly::new(8);
+        whole.push(chunk(6, 0, b"abc")).unwrap();
+        whole.push(chunk(0, 3, b"def")).unwrap();
+        assert_eq!(
+            whole.finish(),
+            ("c".to_owned(), Bytes::from_static(b"abcdef"))
+        );
+
+        let mut past = Assembly::new(8);
+        past.push(chunk(4, 0, b"abc")).unwrap();
+        assert!(
+            past.push(chunk(0, 3, b"de")).is_err(),
+            "past the announced size"
+        );
+        assert!(Assembly::new(8).push(chunk(1 << 40, 0, b"a")).is_err());
+        assert!(Assembly::new(8).push(chunk(-1, 0, b"a")).is_err());
+        let mut gap = Assembly::new(8);
+        gap.push(chunk(6, 0, b"abc")).unwrap();
+        assert!(gap.push(chunk(0, 4, b"ef")).is_err(), "not contiguous");
+    }
+
+    #[test]
+    fn updates_with_strings_a_terminal_would_interpret_are_refused() {
+        let good = WorkerUpdate {
+            kind: UpdateKind::Put as i32,
+            epoch: "e1".into(),
+            worker_name: "app".into(),
+            version: "1.0.0".into(),
+            checksum: "ab".repeat(32),
+            size: 10,
+            ..WorkerUpdate::default()
+        };
+        validate(&good, 10).unwrap();
+        let bad = [
+            WorkerUpdate {
+                worker_name: "app\0".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                version: "1\u{1b}[2J".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                checksum: "zz".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                epoch: "e\n".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                size: -1,
+                ..good.clone()
+            },
+            WorkerUpdate {
+                size: 11,
+                ..good.clone()
+            },
+            WorkerUpdate {
+                kind: 99,
+                ..good.clone()
+            },
+        ];
+        for update in bad {
+            let reason = validate(&update, 10).unwrap_err();
+            assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        }
     }
 
     #[test]

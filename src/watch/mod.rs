@@ -116,9 +116,10 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), Wat
         unapplied: BTreeSet::new(),
     };
     let transport = transport(&args)?;
-    Consumer::new(transport, options, position)
-        .run(&mut handler, stop)
-        .await?;
+    let mut consumer = Consumer::new(transport, options, position);
+    let result = consumer.run(&mut handler, stop).await;
+    consumer.close().await;
+    result?;
     if args.once && !handler.unapplied.is_empty() {
         let names: Vec<&str> = handler.unapplied.iter().map(String::as_str).collect();
         return Err(WatchError::Incomplete(names.len(), names.join(", ")));
