@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub use exec::Exec;
-pub use out_dir::{OutDir, OutDirError};
+pub use out_dir::{OutDir, OutDirError, POSITION_FILE};
 
 use crate::{
     client::{
@@ -31,9 +31,6 @@ use crate::{
     pb::{UpdateKind, WorkerUpdate},
     tls::{self, ClientTlsPurpose},
 };
-
-/// The file under `--out` holding the resume position.
-pub const POSITION_FILE: &str = ".workerpush-position.json";
 
 /// Why `watch` stopped.
 #[derive(Debug, thiserror::Error)]

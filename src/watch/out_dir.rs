@@ -22,6 +22,8 @@ use crate::core::{Version, WorkerName};
 pub const LOCK_FILE: &str = ".workerpush.lock";
 /// The manifest: which directories this agent made, and for which deployment.
 pub const MANIFEST_FILE: &str = ".workerpush-manifest.json";
+/// The resume position (written by `watch`, whose format it is).
+pub const POSITION_FILE: &str = ".workerpush-position.json";
 /// The name of each worker's code file.
 pub const CODE_FILE: &str = "worker.js";
 
@@ -115,7 +117,7 @@ impl OutDir {
             })?,
             Err(error) if error.kind() == io::ErrorKind::NotFound => Manifest {
                 deployment: deployment.to_owned(),
-                workers: BTreeMap::new(),
+                workers: adopt_legacy(&root),
             },
             Err(error) => return Err(io(error)),
         };
@@ -167,25 +169,25 @@ impl OutDir {
     ) -> Result<Staged, String> {
         let (worker, version) = (worker.as_str(), version.as_str());
         let worker_dir = self.root.join(worker);
-        if self.manifest.workers.contains_key(worker) {
-            own_dir(&worker_dir)?;
-        } else {
-            absent(&worker_dir)?;
-            self.manifest
-                .workers
-                .insert(worker.to_owned(), BTreeMap::new());
-            self.save().map_err(|e| e.to_string())?;
+        let owned = self.manifest.workers.contains_key(worker);
+        if !existing_dir(&worker_dir, owned)? {
+            if !owned {
+                self.manifest
+                    .workers
+                    .insert(worker.to_owned(), BTreeMap::new());
+                self.save().map_err(|e| e.to_string())?;
+            }
             create_dir(&worker_dir, &self.root)?;
         }
         let version_dir = worker_dir.join(version);
         let known = self.versions(worker).contains_key(version);
-        if known {
-            own_dir(&version_dir)?;
-        } else {
-            absent(&version_dir)?;
-            self.versions_mut(worker)
-                .insert(version.to_owned(), checksum.to_owned());
-            self.save().map_err(|e| e.to_string())?;
+        let exists = existing_dir(&version_dir, known)?;
+        if !exists {
+            if !known {
+                self.versions_mut(worker)
+                    .insert(version.to_owned(), checksum.to_owned());
+                self.save().map_err(|e| e.to_string())?;
+            }
             create_dir(&version_dir, &worker_dir)?;
         }
         write_durably(&version_dir, CODE_FILE, code)
@@ -195,7 +197,7 @@ impl OutDir {
         self.save().map_err(|e| e.to_string())?;
         Ok(Staged {
             path: version_dir.join(CODE_FILE),
-            created: !known,
+            created: !exists,
             worker: worker.to_owned(),
             version: version.to_owned(),
         })
@@ -286,6 +288,52 @@ impl OutDir {
     }
 }
 
+/// The worker directories of a `watch` from before manifests, when `root` holds its position
+/// file but no manifest: a directory counts as made by it only if it has exactly that shape
+/// (`<worker>/<version>/worker.js`, nothing else but its old `worker.tmp`, no links).
+fn adopt_legacy(root: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut adopted = BTreeMap::new();
+    let is_file = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+    let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir());
+    if !is_file(&root.join(POSITION_FILE)) {
+        return adopted;
+    }
+    let Ok(entries) = fs::read_dir(root) else {
+        return adopted;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let dir = entry.path();
+        if WorkerName::parse(&name).is_err() || !is_dir(&dir) {
+            continue;
+        }
+        let versions = (|| {
+            let mut versions = BTreeMap::new();
+            for version in fs::read_dir(&dir).ok()? {
+                let version = version.ok()?;
+                let label = version.file_name().to_string_lossy().into_owned();
+                let path = version.path();
+                Version::parse(&label).ok().filter(|_| is_dir(&path))?;
+                for file in fs::read_dir(&path).ok()? {
+                    let file = file.ok()?.file_name();
+                    let known = file == CODE_FILE || file == "worker.tmp";
+                    known
+                        .then_some(())
+                        .filter(|()| is_file(&path.join(&file)))?;
+                }
+                let code = read_file(&path.join(CODE_FILE)).ok()?;
+                versions.insert(label, hex::encode(Sha256::digest(&code)));
+            }
+            (!versions.is_empty()).then_some(versions)
+        })();
+        if let Some(versions) = versions {
+            tracing::info!(worker = %name, "adopted from an earlier watch");
+            adopted.insert(name, versions);
+        }
+    }
+    adopted
+}
+
 /// `O_NOFOLLOW`: opening a symlink fails instead of following it.
 fn no_follow() -> i32 {
     // The flag's bits fit an `open` flag argument by definition.
@@ -303,27 +351,22 @@ fn read_file(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Nothing is at `path`, not even a dangling link.
-fn absent(path: &Path) -> Result<(), String> {
+/// Whether the directory at `path` is there (`owned`: this agent made it, and it is still a
+/// real directory, not a link to one) or not (nothing at all there, not even a dangling link).
+/// Anything else there is refused.
+fn existing_dir(path: &Path, owned: bool) -> Result<bool, String> {
     match fs::symlink_metadata(path) {
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(error) => Err(format!("{}: {error}", path.display())),
+        Ok(meta) if owned && meta.file_type().is_dir() => Ok(true),
+        Ok(_) if owned => Err(format!(
+            "{} was replaced by something workerpush watch did not make: left alone",
+            path.display()
+        )),
         Ok(_) => Err(format!(
             "{} exists and was not made by workerpush watch: left alone",
             path.display()
         )),
-    }
-}
-
-/// `path` is a real directory (not a link to one): the one this agent made.
-fn own_dir(path: &Path) -> Result<(), String> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_dir() => Ok(()),
-        Ok(_) => Err(format!(
-            "{} was replaced by something workerpush watch did not make: left alone",
-            path.display()
-        )),
-        Err(error) => Err(format!("{}: {error}", path.display())),
     }
 }
 
@@ -416,6 +459,22 @@ mod tests {
         out.retain(&BTreeSet::new());
         assert!(dir.path().join("src").is_dir());
         assert!(!dir.path().join("app").exists());
+    }
+
+    #[test]
+    fn an_earlier_watchs_directories_are_adopted_only_in_their_exact_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(POSITION_FILE), "{}").unwrap();
+        fs::create_dir_all(dir.path().join("app/1")).unwrap();
+        fs::write(dir.path().join("app/1/worker.js"), "one").unwrap();
+        fs::create_dir_all(dir.path().join("src/lib")).unwrap();
+        fs::write(dir.path().join("src/lib/worker.js"), "x").unwrap();
+        fs::write(dir.path().join("src/lib/mod.rs"), "x").unwrap();
+        fs::create_dir_all(dir.path().join("docs")).unwrap();
+        let mut out = OutDir::open(dir.path(), "a").unwrap();
+        out.retain(&BTreeSet::new());
+        assert!(!dir.path().join("app").exists(), "adopted, so removed");
+        assert!(dir.path().join("src/lib/mod.rs").exists() && dir.path().join("docs").exists());
     }
 
     #[test]
