@@ -528,7 +528,7 @@ async fn exec_decides_the_ack_and_a_refused_version_leaves_the_previous_one() {
     let out = dir.path().join("workers");
     let log = dir.path().join("exec.log");
     let command = format!(
-        r#"echo "$WORKERPUSH_KIND $WORKERPUSH_WORKER $WORKERPUSH_VERSION $(cat "$WORKERPUSH_PATH" 2>/dev/null)" >> {log}; test "$WORKERPUSH_VERSION" != 2 || {{ echo "runtime rejected v2: SyntaxError" >&2; exit 1; }}"#,
+        r#"echo "$WORKERPUSH_KIND $WORKERPUSH_WORKER $WORKERPUSH_VERSION $(cat "$WORKERPUSH_PATH" 2>/dev/null)" >> {log}; test "$WORKERPUSH_KIND $WORKERPUSH_VERSION" != "put 2" || {{ echo "runtime rejected v2: SyntaxError" >&2; exit 1; }}"#,
         log = log.display()
     );
     let watch = WatchProcess::start(
@@ -563,6 +563,21 @@ async fn exec_decides_the_ack_and_a_refused_version_leaves_the_previous_one() {
     let saved = std::fs::read(out.join(".workerpush-position.json")).unwrap();
     let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
     assert_eq!(saved["unapplied"], serde_json::json!(["app"]), "{saved}");
+
+    // A removal is told too, after the directory went.
+    hook_delete(http, &secret, "app").await;
+    let deleted = watch.wait_for("DELETE", "app", "");
+    assert!(deleted.get("refused").is_none(), "{deleted}");
+    assert!(!out.join("app").exists());
+    eventually(
+        Duration::from_secs(10),
+        "the command told of the removal",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .ends_with("delete app 2 \n")
+        },
+    );
 }
 
 #[tokio::test]

@@ -1,5 +1,10 @@
-//! The consumer loop: subscribe, verify, apply through a [`Handler`], acknowledge, and on any
-//! disconnect reconnect with jittered exponential backoff and resume.
+//! The consumer loop: subscribe, validate, verify, apply through a [`Handler`], acknowledge,
+//! and on any disconnect reconnect with jittered exponential backoff and resume.
+//!
+//! One change never stalls the feed: a PUT whose bundle cannot be fetched or verified is nacked
+//! and skipped, and fetched again in the background until it works (then applied and acked) or
+//! a newer change of its worker supersedes it. The position moves only past changes applied or
+//! nacked; the backoff starts over only after a session that moved the position.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
