@@ -9,10 +9,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
-    os::unix::fs::OpenOptionsExt,
+    os::{fd::OwnedFd, unix::fs::OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
+use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -153,8 +154,8 @@ impl OutDir {
         {
             return false;
         }
-        let path = self.code_path(worker.as_str(), version.as_str());
-        read_file(&path).is_ok_and(|code| hex::encode(Sha256::digest(&code)) == checksum)
+        read_at(&self.root, &[worker.as_str(), version.as_str()], CODE_FILE)
+            .is_ok_and(|code| hex::encode(Sha256::digest(&code)) == checksum)
     }
 
     /// Writes `code` as `worker`@`version` beside the current version (durably: file and
@@ -177,7 +178,7 @@ impl OutDir {
                     .insert(worker.to_owned(), BTreeMap::new());
                 self.save().map_err(|e| e.to_string())?;
             }
-            create_dir(&worker_dir, &self.root)?;
+            make_dir(&self.root, &[], worker)?;
         }
         let version_dir = worker_dir.join(version);
         let known = self.versions(worker).contains_key(version);
@@ -188,9 +189,9 @@ impl OutDir {
                     .insert(version.to_owned(), checksum.to_owned());
                 self.save().map_err(|e| e.to_string())?;
             }
-            create_dir(&version_dir, &worker_dir)?;
+            make_dir(&self.root, &[worker], version)?;
         }
-        write_durably(&version_dir, CODE_FILE, code)
+        write_durably(&self.root, &[worker, version], CODE_FILE, code)
             .map_err(|e| format!("{}: {e}", version_dir.join(CODE_FILE).display()))?;
         self.versions_mut(worker)
             .insert(version.to_owned(), checksum.to_owned());
@@ -211,7 +212,7 @@ impl OutDir {
             .collect();
         let worker_dir = self.root.join(&staged.worker);
         for version in others {
-            remove_own_dir(&worker_dir.join(&version))?;
+            remove_version(&self.root, &staged.worker, &version)?;
             self.versions_mut(&staged.worker).remove(&version);
         }
         sync_dir(&worker_dir).map_err(|e| e.to_string())?;
@@ -223,7 +224,7 @@ impl OutDir {
         if !staged.created {
             return Ok(());
         }
-        remove_own_dir(&self.root.join(&staged.worker).join(&staged.version))?;
+        remove_version(&self.root, &staged.worker, &staged.version)?;
         self.versions_mut(&staged.worker).remove(&staged.version);
         self.save().map_err(|e| e.to_string())
     }
@@ -265,7 +266,7 @@ impl OutDir {
 
     /// Writes `name` in the directory durably (never through a link).
     pub fn write_file(&self, name: &str, contents: &[u8]) -> io::Result<()> {
-        write_durably(&self.root, name, contents)
+        write_durably(&self.root, &[], name, contents)
     }
 
     /// Reads `name` from the directory (never through a link).
@@ -284,7 +285,7 @@ impl OutDir {
 
     fn save(&self) -> io::Result<()> {
         let text = serde_json::to_vec_pretty(&self.manifest).map_err(io::Error::other)?;
-        write_durably(&self.root, MANIFEST_FILE, &text)
+        write_durably(&self.root, &[], MANIFEST_FILE, &text)
     }
 }
 
@@ -370,10 +371,76 @@ fn existing_dir(path: &Path, owned: bool) -> Result<bool, String> {
     }
 }
 
-/// Creates `path` (failing if anything appeared there) and syncs its parent.
-fn create_dir(path: &Path, parent: &Path) -> Result<(), String> {
-    fs::create_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    sync_dir(parent).map_err(|e| format!("{}: {e}", parent.display()))
+/// Opens `root`, then each of `components` beneath it, as directories, refusing a link at
+/// every step (`O_NOFOLLOW`): what is written or removed through the result is inside what
+/// this agent made, even if a path was swapped for a link since it was checked.
+fn open_dir(root: &Path, components: &[&str]) -> io::Result<OwnedFd> {
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open(root, flags, Mode::empty())?;
+    for component in components {
+        dir = rustix::fs::openat(&dir, *component, flags | OFlags::NOFOLLOW, Mode::empty())?;
+    }
+    Ok(dir)
+}
+
+/// Creates `name` in `root/components…` (failing if anything appeared there) and syncs the
+/// parent.
+fn make_dir(root: &Path, components: &[&str], name: &str) -> Result<(), String> {
+    let described = |e: io::Error| {
+        format!(
+            "{}: {e}",
+            root.join(components.join("/")).join(name).display()
+        )
+    };
+    let parent = open_dir(root, components).map_err(described)?;
+    rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755))
+        .map_err(|e| described(e.into()))?;
+    rustix::fs::fsync(&parent).map_err(|e| described(e.into()))
+}
+
+/// Reads `root/components…/name`, never through a link.
+fn read_at(root: &Path, components: &[&str], name: &str) -> io::Result<Vec<u8>> {
+    let dir = open_dir(root, components)?;
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut bytes = Vec::new();
+    File::from(fd).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Removes the version directory `root/worker/version` this agent made: its files, then
+/// itself. A directory inside it is not its own: left alone, and an error.
+fn remove_version(root: &Path, worker: &str, version: &str) -> Result<(), String> {
+    let path = root.join(worker).join(version);
+    let described = |e: io::Error| format!("{}: {e}", path.display());
+    let worker_dir = open_dir(root, &[worker]).map_err(described)?;
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let dir = match rustix::fs::openat(&worker_dir, version, flags, Mode::empty()) {
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(error) => return Err(described(error.into())),
+        Ok(dir) => dir,
+    };
+    for entry in rustix::fs::Dir::read_from(&dir).map_err(|e| described(e.into()))? {
+        let entry = entry.map_err(|e| described(e.into()))?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        if entry.file_type() == rustix::fs::FileType::Directory {
+            return Err(format!(
+                "{} holds a directory workerpush watch did not make: left alone",
+                path.display()
+            ));
+        }
+        rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| described(e.into()))?;
+    }
+    rustix::fs::unlinkat(&worker_dir, version, AtFlags::REMOVEDIR)
+        .map_err(|e| described(e.into()))?;
+    rustix::fs::fsync(&worker_dir).map_err(|e| described(e.into()))
 }
 
 /// Removes a directory this agent made, if it is still a real directory (`remove_dir_all`
@@ -392,24 +459,24 @@ fn remove_own_dir(path: &Path) -> Result<(), String> {
     }
 }
 
-/// Writes `dir/name` as a new file with a unique name created exclusively (a link planted
-/// at any name is never followed), synced, renamed into place, and the directory synced.
-fn write_durably(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(no_follow())
-            .open(&tmp)?;
+/// Writes `root/components…/name` as a new file with a unique name created exclusively (a
+/// link planted at any name is never followed), synced, renamed into place, and the directory
+/// synced.
+fn write_durably(root: &Path, components: &[&str], name: &str, contents: &[u8]) -> io::Result<()> {
+    let dir = open_dir(root, components)?;
+    let tmp = format!(".{name}.{:016x}.tmp", rand::random::<u64>());
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&dir, tmp.as_str(), flags, Mode::from_raw_mode(0o644))?;
+    let mut file = File::from(fd);
+    let result = (|| -> io::Result<()> {
         file.write_all(contents)?;
         file.sync_all()?;
-        fs::rename(&tmp, dir.join(name))?;
-        sync_dir(dir)
+        rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
+        rustix::fs::fsync(&dir)?;
+        Ok(())
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
     }
     result
 }
@@ -475,6 +542,24 @@ mod tests {
         out.retain(&BTreeSet::new());
         assert!(!dir.path().join("app").exists(), "adopted, so removed");
         assert!(dir.path().join("src/lib/mod.rs").exists() && dir.path().join("docs").exists());
+    }
+
+    /// The last line of defence, below the path checks: a directory swapped for a link after
+    /// it was checked is still not written through or emptied.
+    #[test]
+    fn writes_and_removals_refuse_a_link_at_any_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, elsewhere) = (dir.path().join("out"), dir.path().join("elsewhere"));
+        fs::create_dir_all(elsewhere.join("1")).unwrap();
+        fs::write(elsewhere.join("1/worker.js"), "theirs").unwrap();
+        fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("app")).unwrap();
+        assert!(write_durably(&root, &["app", "1"], CODE_FILE, b"ours").is_err());
+        assert!(make_dir(&root, &["app"], "2").is_err());
+        assert!(remove_version(&root, "app", "1").is_err());
+        assert!(read_at(&root, &["app", "1"], CODE_FILE).is_err());
+        assert_eq!(fs::read(elsewhere.join("1/worker.js")).unwrap(), b"theirs");
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 1);
     }
 
     #[test]
