@@ -110,6 +110,12 @@ pub trait Handler: Send {
     /// Make `code` the worker's current version. An `Err` is reported to the server as a
     /// failure to apply, with the reason.
     async fn put(&mut self, update: &WorkerUpdate, code: Bytes) -> Result<(), String>;
+    /// Whether this PUT's version, with its checksum, is the worker's current one already (a
+    /// snapshot after a RESET sends it again): then it is acked as applied without being
+    /// fetched or handed to [`Handler::put`].
+    async fn holds(&mut self, _update: &WorkerUpdate) -> bool {
+        false
+    }
     /// Remove the worker.
     async fn delete(&mut self, update: &WorkerUpdate) -> Result<(), String>;
     /// A RESET: a snapshot follows, ended by SYNCED.
@@ -321,22 +327,26 @@ impl<T: Transport> Consumer<T> {
                     if let Some(names) = &mut snapshot {
                         names.insert(update.worker_name.clone());
                     }
-                    let code = verified_code(&*session, &update, self.options.fetch_timeout, false);
-                    match code.await {
-                        Ok(code) => handler.put(&update, code).await,
-                        Err(error) => {
-                            let reason = error.to_string();
-                            handler.refused(
-                                &update,
-                                &Refusal {
-                                    reason: reason.clone(),
-                                    retrying: true,
-                                },
-                            );
-                            self.unfetched
-                                .insert(update.worker_name.clone(), update.clone());
-                            self.refetch(&mut refetches, &session, update.clone());
-                            Err(reason)
+                    if handler.holds(&update).await {
+                        Ok(())
+                    } else {
+                        let timeout = self.options.fetch_timeout;
+                        match verified_code(&*session, &update, timeout, false).await {
+                            Ok(code) => handler.put(&update, code).await,
+                            Err(error) => {
+                                let reason = error.to_string();
+                                handler.refused(
+                                    &update,
+                                    &Refusal {
+                                        reason: reason.clone(),
+                                        retrying: true,
+                                    },
+                                );
+                                self.unfetched
+                                    .insert(update.worker_name.clone(), update.clone());
+                                self.refetch(&mut refetches, &session, update.clone());
+                                Err(reason)
+                            }
                         }
                     }
                 }
@@ -745,6 +755,7 @@ mod tests {
     struct Applied {
         puts: Vec<(String, Bytes)>,
         refusals: Vec<(String, Refusal)>,
+        held: BTreeSet<String>,
     }
 
     #[async_trait]
@@ -755,6 +766,9 @@ mod tests {
         }
         async fn delete(&mut self, _: &WorkerUpdate) -> Result<(), String> {
             Ok(())
+        }
+        async fn holds(&mut self, update: &WorkerUpdate) -> bool {
+            self.held.contains(&update.worker_name)
         }
         async fn synced(&mut self, _: &WorkerUpdate, _: Option<&BTreeSet<String>>) {}
         fn refused(&mut self, update: &WorkerUpdate, refusal: &Refusal) {
@@ -786,10 +800,12 @@ mod tests {
         assert!((4..=7).contains(&connects), "{connects} connections in 5 s");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_bundle_that_fails_to_fetch_is_nacked_skipped_and_acked_once_fetched() {
-        let code = Bytes::from_static(b"export default {}");
-        let put = |worker: &str, revision| WorkerUpdate {
+    const CODE: &[u8] = b"export default {}";
+
+    /// A PUT of [`CODE`]: inline for `late`, to be fetched for any other worker.
+    fn put(worker: &str, revision: u64) -> WorkerUpdate {
+        let code = Bytes::from_static(CODE);
+        WorkerUpdate {
             kind: UpdateKind::Put as i32,
             revision,
             epoch: "e".into(),
@@ -797,14 +813,49 @@ mod tests {
             version: "1".into(),
             checksum: crate::core::Checksum::of(&code).as_str().to_owned(),
             size: code.len() as i64,
-            // "late" travels inline; "bad" must be fetched.
-            worker_code: if worker == "late" {
-                code.clone()
-            } else {
-                Bytes::new()
-            },
+            worker_code: if worker == "late" { code } else { Bytes::new() },
             ..WorkerUpdate::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn code_the_handler_holds_after_a_reset_is_not_fetched_again() {
+        let server = Scripted {
+            updates: vec![
+                marker(UpdateKind::Reset, 0),
+                put("big", 1),
+                marker(UpdateKind::Synced, 1),
+            ],
+            keep_open: true,
+            code: Bytes::from_static(CODE),
+            ..Scripted::default()
         };
+        let options = ConsumerOptions {
+            ack: true,
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = Consumer::new(server.clone(), options, None);
+        let mut handler = Applied {
+            held: BTreeSet::from(["big".to_owned()]),
+            ..Applied::default()
+        };
+        let stop = CancellationToken::new();
+        tokio::select! {
+            _ = consumer.run(&mut handler, stop) => panic!("runs on"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let fetches = server.fetches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((fetches, handler.puts.len()), (0, 0));
+        let acks = server.acks.lock().unwrap();
+        assert!(
+            acks.iter().any(|a| a.worker_name == "big" && a.applied),
+            "{acks:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bundle_that_fails_to_fetch_is_nacked_skipped_and_acked_once_fetched() {
+        let code = Bytes::from_static(CODE);
         let server = Scripted {
             updates: vec![
                 marker(UpdateKind::Reset, 0),

@@ -309,6 +309,21 @@ impl Handler for WatchHandler {
         self.outcome(update, result)
     }
 
+    async fn holds(&mut self, update: &WorkerUpdate) -> bool {
+        let (Ok(worker), Ok(version)) = (
+            WorkerName::parse(&update.worker_name),
+            Version::parse(&update.version),
+        ) else {
+            return false;
+        };
+        let held = (self.out).holds(&worker, &version, &update.checksum.to_ascii_lowercase());
+        if held {
+            // Not fetched, not written, not told to `--exec` again: it is what runs.
+            let _ = self.outcome(update, Ok(true));
+        }
+        held
+    }
+
     async fn delete(&mut self, update: &WorkerUpdate) -> Result<(), String> {
         let result = self.apply_delete(update).await;
         self.outcome(update, result)
