@@ -508,7 +508,7 @@ async fn a_core_announcing_a_terabyte_cannot_grow_watch_and_is_nacked() {
         })
     });
     for ack in acks.lock().unwrap().iter() {
-        eprintln!("nack {}: {}", ack.worker_name, ack.error);
+        eprintln!("nack {:?}: {}", ack.worker_name, ack.error);
         assert!(!ack.applied);
     }
     // The background fetches again (after about a second) stop at the same bounds.
