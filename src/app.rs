@@ -194,6 +194,16 @@ async fn start_core(
 ) -> Result<StartedCore, AppError> {
     let admin_token = http::auth::BearerToken::new(admin_token)
         .ok_or_else(|| AppError::Config("ADMIN_TOKEN must not be empty".into()))?;
+    // Inline code travels in one update, and a QUIC frame holds at most MAX_FRAME_BYTES.
+    let inline_limit =
+        crate::quic::codec::MAX_FRAME_BYTES as u64 - crate::client::MESSAGE_HEADROOM_BYTES;
+    if args.inline_code_max_bytes > inline_limit {
+        return Err(AppError::Config(format!(
+            "INLINE_CODE_MAX_BYTES {} is more than {inline_limit}, the most one update can carry; \
+             larger code is fetched",
+            args.inline_code_max_bytes
+        )));
+    }
     let server_tls = Arc::new(ServerTls::load_with_crl(
         &args.common.certs_dir,
         args.crl_file.as_deref(),
@@ -246,6 +256,7 @@ async fn start_core(
             concurrent: args.max_concurrent_handshakes,
         },
         per_identity,
+        max_message_bytes: grpc::message_limit(args.inline_code_max_bytes),
         ..GrpcLimits::default()
     };
     let quic_limits = QuicLimits {

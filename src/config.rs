@@ -262,9 +262,15 @@ pub struct WatchArgs {
     /// Transport.
     #[arg(long, env = "WATCH_TRANSPORT", value_enum, default_value_t = TransportKind::Grpc)]
     pub transport: TransportKind,
-    /// Server `host:port` (the host must be in the server certificate).
-    #[arg(long, env = "WATCH_ADDR", default_value = "localhost:50051")]
-    pub addr: String,
+    /// Server `host:port` (the host must be in the server certificate). Several (repeated or
+    /// comma-separated): cores sharing one store, tried in turn when one does not answer.
+    #[arg(
+        long,
+        env = "WATCH_ADDR",
+        value_delimiter = ',',
+        default_value = "localhost:50051"
+    )]
+    pub addr: Vec<String>,
     /// CA certificate that signed the server.
     #[arg(long, env = "WATCH_CA", default_value = "certs/ca.pem")]
     pub ca: PathBuf,
@@ -292,8 +298,37 @@ pub struct WatchArgs {
     #[arg(long, env = "WATCH_OUT", default_value = "./workers")]
     pub out: PathBuf,
     /// One JSON object per event instead of text.
-    #[arg(long)]
+    #[arg(long, env = "WATCH_JSON")]
     pub json: bool,
+    /// Largest bundle taken, in bytes (the core's `MAX_CODE_BYTES` default): a larger
+    /// announced size is refused without fetching, and a fetch stops past it.
+    #[arg(long, env = "WATCH_MAX_CODE_BYTES", default_value_t = crate::client::DEFAULT_MAX_CODE_BYTES)]
+    pub max_code_bytes: u64,
+    /// Run this (`sh -c`) after each change is written or removed, with `WORKERPUSH_KIND`,
+    /// `_WORKER`, `_VERSION`, `_PATH`, `_CHECKSUM`, `_REVISION` set: exit 0 acks the change,
+    /// anything else refuses it with the first line of its stderr and keeps the previous version.
+    #[arg(long, env = "WATCH_EXEC")]
+    pub exec: Option<String>,
+    /// `--exec` is killed, and the change refused, past this.
+    #[arg(long, env = "WATCH_EXEC_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub exec_timeout: Duration,
+    /// Endpoint sent with `RegisterConsumer` (how the core's operators reach this host).
+    #[arg(long, env = "WATCH_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// A `key=value` label sent with `RegisterConsumer` (repeatable, or comma-separated).
+    #[arg(long = "label", env = "WATCH_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Sync once, then exit: 0 when everything was applied, 2 when some change was refused.
+    #[arg(long, env = "WATCH_ONCE")]
+    pub once: bool,
+}
+
+/// A `key=value` label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not a label: use key=value")),
+    }
 }
 
 /// `workerpush certs`.

@@ -16,7 +16,8 @@
 //! - [`http`]: the signed hook and admin endpoints of the core, and the upload server.
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
-//! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
+//! - [`watch`]: `workerpush watch`, the edge agent: keeps worker code on disk, owning only what
+//!   it made under `--out`, and acks once the files are durable and `--exec` accepted them.
 //! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
 //!   transports.
 //! - [`faults`]: test infrastructure — fault-injecting proxies, real processes to kill, a

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("workerpush watch: {error}");
-                        ExitCode::FAILURE
+                        ExitCode::from(error.exit_code())
                     }
                 };
             }

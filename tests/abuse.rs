@@ -10,7 +10,6 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     net::SocketAddr,
     path::Path,
     sync::Arc,
@@ -62,19 +61,6 @@ fn fds(server: &TestServer) -> usize {
 
 fn rss_mib(server: &TestServer) -> u64 {
     resources(server.child.id()).0
-}
-
-/// Polls `check` every 20 ms until it holds, failing after `within`.
-async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the server holds at most `most` descriptors.

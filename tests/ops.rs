@@ -473,11 +473,14 @@ fn compose_file_matches_the_binary() {
                 );
             }
             Command::Watch(args) => {
-                let (host, port) = host_port(&args.addr);
+                let [addr] = args.addr.as_slice() else {
+                    panic!("{name}: one --addr, not {:?}", args.addr)
+                };
+                let (host, port) = host_port(addr);
                 let (grpc, _) = cores
                     .get(&host)
-                    .unwrap_or_else(|| panic!("{name}: {} is not a core", args.addr));
-                assert_eq!(port, *grpc, "{name}: {}", args.addr);
+                    .unwrap_or_else(|| panic!("{name}: {addr} is not a core"));
+                assert_eq!(port, *grpc, "{name}: {addr}");
                 assert!(pki.sans.contains(&host), "{name}: {host} not in the cert");
                 assert!(
                     depends_on(service).contains_key(&host),

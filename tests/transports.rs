@@ -129,29 +129,13 @@ async fn watch_over_quic_keeps_code_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::serve_dev(dir.path(), &[]);
     let (secret, _) = server.secrets();
-    let mut watch = std::process::Command::new(BIN)
-        .args([
-            "watch",
-            "--transport",
-            "quic",
-            "--addr",
-            &format!("localhost:{}", server.addr("quic").port()),
-            "--ca",
-            "certs/ca.pem",
-            "--cert",
-            "certs/clients/consumer-1.pem",
-            "--key",
-            "certs/clients/consumer-1-key.pem",
-            "--out",
-            "workers",
-            "--workers",
-            "edge,other",
-        ])
-        .current_dir(dir.path())
-        .env_clear()
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let watch = WatchProcess::start(
+        dir.path(),
+        "quic",
+        server.addr("quic").port(),
+        &dir.path().join("workers"),
+        &["--workers", "edge,other"],
+    );
     hook_put(server.addr("http"), &secret, "edge", "1.0.0", b"quic code").await;
     hook_put(server.addr("http"), &secret, "ignored", "1", b"not for us").await;
     let file = dir.path().join("workers/edge/1.0.0/worker.js");
@@ -163,6 +147,5 @@ async fn watch_over_quic_keeps_code_on_disk() {
         !dir.path().join("workers/edge").exists()
     });
     assert!(!dir.path().join("workers/ignored").exists(), "filtered out");
-    let _ = watch.kill();
-    let _ = watch.wait();
+    drop(watch);
 }

@@ -6,85 +6,33 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use common::*;
 
-/// `workerpush watch --json` as its own process, collecting its events.
+/// `workerpush watch --json` as its own process, writing under `dir/workers`.
 struct Watcher {
-    child: Child,
+    process: WatchProcess,
     events: Arc<Mutex<Vec<serde_json::Value>>>,
     out: PathBuf,
 }
 
 impl Watcher {
-    fn start(dir: &Path, grpc_port: u16, transport: &str) -> Self {
+    fn start(dir: &Path, port: u16, transport: &str) -> Self {
         let out = dir.join("workers");
-        let mut child = Command::new(BIN)
-            .args([
-                "watch",
-                "--transport",
-                transport,
-                "--addr",
-                &format!("localhost:{grpc_port}"),
-                "--ca",
-                "certs/ca.pem",
-                "--cert",
-                "certs/clients/consumer-1.pem",
-                "--key",
-                "certs/clients/consumer-1-key.pem",
-                "--out",
-                "workers",
-                "--json",
-            ])
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
-            }
-        });
-        Self { child, events, out }
-    }
-
-    fn saw(&self, kind: &str, worker: &str, version: &str) -> Option<serde_json::Value> {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|e| e["kind"] == kind && e["worker_name"] == worker && e["version"] == version)
-            .cloned()
+        let process = WatchProcess::start(dir, transport, port, &out, &[]);
+        Self {
+            events: process.events.clone(),
+            process,
+            out,
+        }
     }
 
     fn wait_for(&self, kind: &str, worker: &str, version: &str) -> serde_json::Value {
-        eventually(
-            Duration::from_secs(20),
-            &format!("{kind} {worker} {version}"),
-            || self.saw(kind, worker, version).is_some(),
-        );
-        self.saw(kind, worker, version).unwrap()
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.wait_for(kind, worker, version)
     }
 }
 

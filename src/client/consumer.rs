@@ -1,15 +1,25 @@
-//! The consumer loop: subscribe, verify, apply through a [`Handler`], acknowledge, and on any
-//! disconnect reconnect with jittered exponential backoff and resume.
+//! The consumer loop: subscribe, validate, verify, apply through a [`Handler`], acknowledge,
+//! and on any disconnect reconnect with jittered exponential backoff and resume.
+//!
+//! One change never stalls the feed: a PUT whose bundle cannot be fetched or verified is nacked
+//! and skipped, and fetched again in the background until it works (then applied and acked) or
+//! a newer change of its worker supersedes it. The position moves only past changes applied or
+//! nacked; the backoff starts over only after a session that moved the position.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ClientError, Session, Transport, verify};
+use super::{ClientError, DEFAULT_MAX_CODE_BYTES, Session, Transport, validate, verify};
 use crate::pb::{
     AckRequest, FetchWorkerRequest, RegisterRequest, SubscribeRequest, UpdateKind, WorkerUpdate,
 };
@@ -43,7 +53,7 @@ impl Default for Backoff {
 }
 
 /// What a consumer asks for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ConsumerOptions {
     /// Empty means the certificate identity.
     pub consumer_id: String,
@@ -55,14 +65,57 @@ pub struct ConsumerOptions {
     pub ack: bool,
     /// Register with this endpoint on every connection, if set.
     pub endpoint: Option<String>,
+    /// Labels sent with the registration (registering when any are set, endpoint or not).
+    pub labels: BTreeMap<String, String>,
+    /// The largest bundle taken; a larger announced size is refused without fetching.
+    pub max_code_bytes: u64,
+    /// Delays between background fetches of a bundle that could not be fetched or verified.
+    pub fetch_retry: Backoff,
+    /// How long one fetch may take before it counts as failed (and is retried later).
+    pub fetch_timeout: Duration,
 }
 
-/// Applies what the consumer receives. Code handed to [`Handler::put`] is verified.
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            consumer_id: String::new(),
+            workers: Vec::new(),
+            backoff: Backoff::default(),
+            ack: false,
+            endpoint: None,
+            labels: BTreeMap::new(),
+            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
+            fetch_retry: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            fetch_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A change the consumer nacked before it reached [`Handler::put`] or [`Handler::delete`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why, as sent to the server with the nack.
+    pub reason: String,
+    /// Whether its bundle is fetched again in the background (and applied when that works).
+    pub retrying: bool,
+}
+
+/// Applies what the consumer receives. Code handed to [`Handler::put`] is verified, and every
+/// string of an update handed to the handler is valid ([`super::validate`]).
 #[async_trait]
 pub trait Handler: Send {
     /// Make `code` the worker's current version. An `Err` is reported to the server as a
     /// failure to apply, with the reason.
     async fn put(&mut self, update: &WorkerUpdate, code: Bytes) -> Result<(), String>;
+    /// Whether this PUT's version, with its checksum, is the worker's current one already (a
+    /// snapshot after a RESET sends it again): then it is acked as applied without being
+    /// fetched or handed to [`Handler::put`].
+    async fn holds(&mut self, _update: &WorkerUpdate) -> bool {
+        false
+    }
     /// Remove the worker.
     async fn delete(&mut self, update: &WorkerUpdate) -> Result<(), String>;
     /// A RESET: a snapshot follows, ended by SYNCED.
@@ -70,6 +123,9 @@ pub trait Handler: Send {
     /// SYNCED: everything up to its revision is held. When it ends a RESET, `snapshot` names
     /// the workers the snapshot held: every other worker must go.
     async fn synced(&mut self, update: &WorkerUpdate, snapshot: Option<&BTreeSet<String>>);
+    /// A change refused before applying (invalid, too large, not fetched, not verified), and
+    /// nacked. Its strings may be anything the server sent: escape them before printing.
+    fn refused(&mut self, _update: &WorkerUpdate, _refusal: &Refusal) {}
     /// The position to persist, so that a restart resumes.
     async fn position(&mut self, _position: &Position) {}
     /// A connection was established.
@@ -84,6 +140,15 @@ pub struct Consumer<T> {
     options: ConsumerOptions,
     position: Option<Position>,
     acks: Arc<PendingAcks>,
+    /// PUTs nacked because their bundle could not be fetched or verified, by worker: fetched
+    /// again in the background until it works or a newer change of the worker supersedes them.
+    unfetched: BTreeMap<String, WorkerUpdate>,
+}
+
+/// Background fetches of `unfetched` bundles, and where their results arrive.
+struct Refetches {
+    tasks: BTreeMap<String, AbortOnDrop>,
+    done: mpsc::Sender<(WorkerUpdate, Bytes)>,
 }
 
 impl<T: Transport> Consumer<T> {
@@ -94,6 +159,7 @@ impl<T: Transport> Consumer<T> {
             options,
             position,
             acks: Arc::new(PendingAcks::default()),
+            unfetched: BTreeMap::new(),
         }
     }
 
@@ -102,16 +168,25 @@ impl<T: Transport> Consumer<T> {
         self.position.as_ref()
     }
 
-    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`).
+    /// Closes the transport's connections, so that the server sees this consumer leave at
+    /// once (QUIC otherwise waits for its idle timeout). The consumer cannot connect after.
+    pub async fn close(self) {
+        self.transport.close().await;
+    }
+
+    /// Runs until `shutdown` (`Ok`) or a refusal that retrying cannot fix (`Err`). It may run
+    /// again after (it resumes from where it was).
     pub async fn run(
         &mut self,
         handler: &mut dyn Handler,
         shutdown: CancellationToken,
     ) -> Result<(), ClientError> {
+        let shutdown = &shutdown;
         let mut cap = self.options.backoff.initial;
         loop {
-            let mut progressed = false;
-            let result = self.session(handler, &mut progressed, &shutdown).await;
+            let before = self.position.clone();
+            let started = tokio::time::Instant::now();
+            let result = self.session(handler, shutdown).await;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -120,7 +195,10 @@ impl<T: Transport> Consumer<T> {
                 Err(error) if !error.is_retryable() => return Err(error),
                 Err(error) => error,
             };
-            if progressed {
+            // Progress is a position beyond the one the session started from (a RESET that
+            // leads back to the same place is none), or a session that lived long.
+            let moved = self.position.is_some() && self.position != before;
+            if moved || started.elapsed() >= self.options.backoff.max {
                 cap = self.options.backoff.initial;
             }
             let delay = jitter(cap);
@@ -137,7 +215,6 @@ impl<T: Transport> Consumer<T> {
     async fn session(
         &mut self,
         handler: &mut dyn Handler,
-        progressed: &mut bool,
         shutdown: &CancellationToken,
     ) -> Result<(), ClientError> {
         let connect = self.transport.connect();
@@ -145,12 +222,12 @@ impl<T: Transport> Consumer<T> {
             session = connect => Arc::from(session?),
             () = shutdown.cancelled() => return Ok(()),
         };
-        if let Some(endpoint) = &self.options.endpoint {
+        if self.options.endpoint.is_some() || !self.options.labels.is_empty() {
             session
-                .register(crate::pb::RegisterRequest {
+                .register(RegisterRequest {
                     consumer_id: self.options.consumer_id.clone(),
-                    endpoint: endpoint.clone(),
-                    ..RegisterRequest::default()
+                    endpoint: self.options.endpoint.clone().unwrap_or_default(),
+                    labels: self.options.labels.clone().into_iter().collect(),
                 })
                 .await?;
         }
@@ -173,10 +250,22 @@ impl<T: Transport> Consumer<T> {
             .options
             .ack
             .then(|| AbortOnDrop(tokio::spawn(send_acks(session.clone(), self.acks.clone()))));
+        let (done, mut fetched) = mpsc::channel(16);
+        let mut refetches = Refetches {
+            tasks: BTreeMap::new(),
+            done,
+        };
+        for update in self.unfetched.values() {
+            self.refetch(&mut refetches, &session, update.clone());
+        }
         let mut snapshot: Option<BTreeSet<String>> = None;
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
+                Some((update, code)) = fetched.recv() => {
+                    self.refetched(handler, &mut refetches, update, code).await;
+                    continue;
+                }
                 () = shutdown.cancelled() => {
                     // Stopping cleanly: report what was applied before letting go.
                     self.acks.drained(ACK_FLUSH).await;
@@ -192,59 +281,146 @@ impl<T: Transport> Consumer<T> {
                 }
                 other => other,
             })?;
-            *progressed = true;
             let kind = UpdateKind::try_from(update.kind).unwrap_or(UpdateKind::Unspecified);
-            let applied = match kind {
-                UpdateKind::Reset => {
+            let valid = validate(&update, self.options.max_code_bytes);
+            if let (Err(reason), UpdateKind::Reset | UpdateKind::Synced) = (&valid, kind) {
+                // Nothing to nack: the position stays where it was, and the next session
+                // starts from it.
+                return Err(ClientError::Verification(format!(
+                    "from the server: {reason}"
+                )));
+            }
+            if matches!(kind, UpdateKind::Put | UpdateKind::Delete) {
+                // A newer change of the worker supersedes a bundle still being fetched again.
+                self.unfetched.remove(&update.worker_name);
+                refetches.tasks.remove(&update.worker_name);
+            }
+            let applied = match (kind, valid) {
+                (UpdateKind::Put | UpdateKind::Delete, Err(reason)) => {
+                    handler.refused(
+                        &update,
+                        &Refusal {
+                            reason: reason.clone(),
+                            retrying: false,
+                        },
+                    );
+                    Err(reason)
+                }
+                (UpdateKind::Reset, _) => {
                     // Until the SYNCED that ends the snapshot, there is no position to resume
-                    // from: a disconnect now must start over.
+                    // from: a disconnect now must start over. The snapshot sends every worker
+                    // again, those still being fetched again included.
                     self.position = None;
+                    self.unfetched.clear();
+                    refetches.tasks.clear();
                     snapshot = Some(BTreeSet::new());
                     handler.reset(&update).await;
                     continue;
                 }
-                UpdateKind::Synced => {
+                (UpdateKind::Synced, _) => {
                     handler.synced(&update, snapshot.as_ref()).await;
                     snapshot = None;
                     self.advance(handler, &update).await;
                     continue;
                 }
-                UpdateKind::Put => {
+                (UpdateKind::Put, Ok(())) => {
                     if let Some(names) = &mut snapshot {
                         names.insert(update.worker_name.clone());
                     }
-                    match self.code(&*session, &update).await {
-                        Ok(code) => handler.put(&update, code).await,
-                        Err(error)
-                            if error.is_retryable()
-                                && !matches!(error, ClientError::Verification(_)) =>
-                        {
-                            return Err(error);
+                    if handler.holds(&update).await {
+                        Ok(())
+                    } else {
+                        let timeout = self.options.fetch_timeout;
+                        match verified_code(&*session, &update, timeout, false).await {
+                            Ok(code) => handler.put(&update, code).await,
+                            Err(error) => {
+                                let reason = error.to_string();
+                                handler.refused(
+                                    &update,
+                                    &Refusal {
+                                        reason: reason.clone(),
+                                        retrying: true,
+                                    },
+                                );
+                                self.unfetched
+                                    .insert(update.worker_name.clone(), update.clone());
+                                self.refetch(&mut refetches, &session, update.clone());
+                                Err(reason)
+                            }
                         }
-                        Err(error) => Err(error.to_string()),
                     }
                 }
-                UpdateKind::Delete => handler.delete(&update).await,
-                UpdateKind::Unspecified => continue,
+                (UpdateKind::Delete, Ok(())) => handler.delete(&update).await,
+                (UpdateKind::Unspecified, _) => continue,
             };
-            if self.options.ack {
-                let (applied, error) = match &applied {
-                    Ok(()) => (true, String::new()),
-                    Err(reason) => (false, reason.clone()),
-                };
-                self.acks.push(AckRequest {
-                    consumer_id: self.options.consumer_id.clone(),
-                    worker_name: update.worker_name.clone(),
-                    revision: update.revision,
-                    applied,
-                    error,
-                });
-            }
+            self.report(&update, &applied);
             if snapshot.is_none() {
                 self.advance(handler, &update).await;
             }
         }
         Ok(())
+    }
+
+    /// Starts fetching `update`'s bundle again in the background, with backoff.
+    fn refetch(&self, refetches: &mut Refetches, session: &Arc<dyn Session>, update: WorkerUpdate) {
+        let session = session.clone();
+        let done = refetches.done.clone();
+        let backoff = self.options.fetch_retry;
+        let timeout = self.options.fetch_timeout;
+        let worker = update.worker_name.clone();
+        let task = tokio::spawn(async move {
+            let mut cap = backoff.initial;
+            loop {
+                tokio::time::sleep(jitter(cap)).await;
+                cap = (cap * 2).min(backoff.max);
+                match verified_code(&*session, &update, timeout, true).await {
+                    Ok(code) => {
+                        let _ = done.send((update, code)).await;
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(worker = %update.worker_name, %error, "fetch failed again");
+                    }
+                }
+            }
+        });
+        refetches.tasks.insert(worker, AbortOnDrop(task));
+    }
+
+    /// A bundle fetched again came through: applied (and acked) unless superseded meanwhile.
+    async fn refetched(
+        &mut self,
+        handler: &mut dyn Handler,
+        refetches: &mut Refetches,
+        update: WorkerUpdate,
+        code: Bytes,
+    ) {
+        let current = self.unfetched.get(&update.worker_name);
+        if current.map(|u| u.revision) != Some(update.revision) {
+            return;
+        }
+        self.unfetched.remove(&update.worker_name);
+        refetches.tasks.remove(&update.worker_name);
+        let applied = handler.put(&update, code).await;
+        self.report(&update, &applied);
+    }
+
+    /// Queues the ack (applied, or the reason it was not) of a change.
+    fn report(&self, update: &WorkerUpdate, applied: &Result<(), String>) {
+        if !self.options.ack {
+            return;
+        }
+        let (applied, error) = match applied {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason.clone()),
+        };
+        self.acks.push(AckRequest {
+            consumer_id: self.options.consumer_id.clone(),
+            worker_name: update.worker_name.clone(),
+            revision: update.revision,
+            applied,
+            error,
+        });
     }
 
     async fn advance(&mut self, handler: &mut dyn Handler, update: &WorkerUpdate) {
@@ -255,33 +431,37 @@ impl<T: Transport> Consumer<T> {
         handler.position(&position).await;
         self.position = Some(position);
     }
+}
 
-    /// The verified code of a PUT: inline, or fetched.
-    async fn code(
-        &self,
-        session: &dyn Session,
-        update: &WorkerUpdate,
-    ) -> Result<Bytes, ClientError> {
-        let code = if update.worker_code.is_empty() && update.size > 0 {
-            let (checksum, code) = session
-                .fetch(FetchWorkerRequest {
-                    worker_name: update.worker_name.clone(),
-                    version: update.version.clone(),
-                })
-                .await?;
-            if checksum != update.checksum {
-                return Err(ClientError::Verification(format!(
-                    "fetched checksum {checksum} instead of {}",
-                    update.checksum
-                )));
-            }
-            code
-        } else {
-            update.worker_code.clone()
-        };
-        verify(&code, &update.checksum, update.size)?;
-        Ok(code)
-    }
+/// The verified code of a PUT: inline (unless `always_fetch`), or fetched within `timeout`.
+async fn verified_code(
+    session: &dyn Session,
+    update: &WorkerUpdate,
+    timeout: Duration,
+    always_fetch: bool,
+) -> Result<Bytes, ClientError> {
+    let inline = !update.worker_code.is_empty() || update.size == 0;
+    let code = if inline && !always_fetch {
+        update.worker_code.clone()
+    } else {
+        let fetch = session.fetch(FetchWorkerRequest {
+            worker_name: update.worker_name.clone(),
+            version: update.version.clone(),
+        });
+        let (checksum, code) = tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| ClientError::Transport(format!("fetch not done within {timeout:?}")))??;
+        if !checksum.eq_ignore_ascii_case(&update.checksum) {
+            return Err(ClientError::Verification(format!(
+                "fetched checksum {:?} instead of {}",
+                checksum.chars().take(64).collect::<String>(),
+                update.checksum
+            )));
+        }
+        code
+    };
+    verify(&code, &update.checksum, update.size)?;
+    Ok(code)
 }
 
 /// How long a consumer told to stop waits for its pending acks to go out.
@@ -499,5 +679,233 @@ mod tests {
             [("a".to_owned(), 3), ("b".to_owned(), 2)],
             "latest per worker"
         );
+    }
+
+    /// A server that sends `updates` on every subscription (then ends it, or keeps it open),
+    /// and fails the first `fetch_failures` fetches.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        updates: Vec<WorkerUpdate>,
+        keep_open: bool,
+        code: Bytes,
+        fetch_failures: usize,
+        connects: Arc<std::sync::atomic::AtomicUsize>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+        acks: Arc<Mutex<Vec<AckRequest>>>,
+    }
+
+    #[async_trait]
+    impl Transport for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        async fn connect(&self) -> Result<Box<dyn Session>, ClientError> {
+            self.connects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl Session for Scripted {
+        async fn subscribe(&self, _: SubscribeRequest) -> Result<UpdateStream, ClientError> {
+            let updates = futures_util::stream::iter(self.updates.clone().into_iter().map(Ok));
+            if self.keep_open {
+                Ok(Box::pin(updates.chain(futures_util::stream::pending())))
+            } else {
+                Ok(Box::pin(updates))
+            }
+        }
+        async fn fetch(&self, _: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
+            let n = self
+                .fetches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n < self.fetch_failures {
+                return Err(ClientError::Status {
+                    code: 13,
+                    message: "internal error".into(),
+                });
+            }
+            let checksum = crate::core::Checksum::of(&self.code);
+            Ok((checksum.as_str().to_owned(), self.code.clone()))
+        }
+        async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {
+            self.acks.lock().unwrap().push(request);
+            Ok(())
+        }
+        async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
+            Ok(RegisterResponse::default())
+        }
+        async fn list(&self, _: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError> {
+            Ok(ListWorkersResponse::default())
+        }
+    }
+
+    fn marker(kind: UpdateKind, revision: u64) -> WorkerUpdate {
+        WorkerUpdate {
+            kind: kind as i32,
+            revision,
+            epoch: "e".into(),
+            ..WorkerUpdate::default()
+        }
+    }
+
+    /// Records what it was handed.
+    #[derive(Default)]
+    struct Applied {
+        puts: Vec<(String, Bytes)>,
+        refusals: Vec<(String, Refusal)>,
+        held: BTreeSet<String>,
+    }
+
+    #[async_trait]
+    impl Handler for Applied {
+        async fn put(&mut self, update: &WorkerUpdate, code: Bytes) -> Result<(), String> {
+            self.puts.push((update.worker_name.clone(), code));
+            Ok(())
+        }
+        async fn delete(&mut self, _: &WorkerUpdate) -> Result<(), String> {
+            Ok(())
+        }
+        async fn holds(&mut self, update: &WorkerUpdate) -> bool {
+            self.held.contains(&update.worker_name)
+        }
+        async fn synced(&mut self, _: &WorkerUpdate, _: Option<&BTreeSet<String>>) {}
+        fn refused(&mut self, update: &WorkerUpdate, refusal: &Refusal) {
+            self.refusals
+                .push((update.worker_name.clone(), refusal.clone()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_that_only_reset_to_the_same_place_back_off() {
+        let server = Scripted {
+            updates: vec![marker(UpdateKind::Reset, 0), marker(UpdateKind::Synced, 5)],
+            ..Scripted::default()
+        };
+        let position = Position {
+            epoch: "e".into(),
+            revision: 5,
+        };
+        let mut consumer =
+            Consumer::new(server.clone(), ConsumerOptions::default(), Some(position));
+        let mut handler = Applied::default();
+        let stop = CancellationToken::new();
+        tokio::select! {
+            _ = consumer.run(&mut handler, stop) => panic!("retryable: runs on"),
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        // Caps 100 ms, 200 ms, … each delay at least half its cap: at most 7 in 5 s.
+        let connects = server.connects.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((4..=7).contains(&connects), "{connects} connections in 5 s");
+    }
+
+    const CODE: &[u8] = b"export default {}";
+
+    /// A PUT of [`CODE`]: inline for `late`, to be fetched for any other worker.
+    fn put(worker: &str, revision: u64) -> WorkerUpdate {
+        let code = Bytes::from_static(CODE);
+        WorkerUpdate {
+            kind: UpdateKind::Put as i32,
+            revision,
+            epoch: "e".into(),
+            worker_name: worker.into(),
+            version: "1".into(),
+            checksum: crate::core::Checksum::of(&code).as_str().to_owned(),
+            size: code.len() as i64,
+            worker_code: if worker == "late" { code } else { Bytes::new() },
+            ..WorkerUpdate::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn code_the_handler_holds_after_a_reset_is_not_fetched_again() {
+        let server = Scripted {
+            updates: vec![
+                marker(UpdateKind::Reset, 0),
+                put("big", 1),
+                marker(UpdateKind::Synced, 1),
+            ],
+            keep_open: true,
+            code: Bytes::from_static(CODE),
+            ..Scripted::default()
+        };
+        let options = ConsumerOptions {
+            ack: true,
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = Consumer::new(server.clone(), options, None);
+        let mut handler = Applied {
+            held: BTreeSet::from(["big".to_owned()]),
+            ..Applied::default()
+        };
+        let stop = CancellationToken::new();
+        tokio::select! {
+            _ = consumer.run(&mut handler, stop) => panic!("runs on"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let fetches = server.fetches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((fetches, handler.puts.len()), (0, 0));
+        let acks = server.acks.lock().unwrap();
+        assert!(
+            acks.iter().any(|a| a.worker_name == "big" && a.applied),
+            "{acks:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bundle_that_fails_to_fetch_is_nacked_skipped_and_acked_once_fetched() {
+        let code = Bytes::from_static(CODE);
+        let server = Scripted {
+            updates: vec![
+                marker(UpdateKind::Reset, 0),
+                put("bad", 1),
+                put("late", 2),
+                marker(UpdateKind::Synced, 2),
+            ],
+            keep_open: true,
+            code: code.clone(),
+            fetch_failures: 3,
+            ..Scripted::default()
+        };
+        let options = ConsumerOptions {
+            ack: true,
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = Consumer::new(server.clone(), options, None);
+        let mut handler = Applied::default();
+        let stop = CancellationToken::new();
+        let acked = |worker: &str, applied: bool| {
+            server
+                .acks
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|a| a.worker_name == worker && a.applied == applied)
+        };
+        {
+            let run = consumer.run(&mut handler, stop.clone());
+            tokio::pin!(run);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !acked("bad", true) {
+                assert!(tokio::time::Instant::now() < deadline, "never applied");
+                tokio::select! {
+                    _ = &mut run => panic!("the consumer stopped"),
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            stop.cancel();
+            run.await.unwrap();
+        }
+        assert!(acked("bad", false), "nacked first");
+        assert_eq!(handler.refusals.len(), 1);
+        assert!(handler.refusals[0].1.retrying);
+        let order: Vec<&str> = handler.puts.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(order, ["late", "bad"], "the feed went on past it");
+        assert_eq!(
+            server.connects.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(consumer.position().unwrap().revision, 2);
     }
 }

@@ -79,6 +79,10 @@ impl Transport for FailoverTransport {
             Err(ClientError::Config(all))
         }
     }
+
+    async fn close(&self) {
+        futures_util::future::join_all(self.transports.iter().map(|t| t.close())).await;
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -12,7 +12,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{ClientError, Session, Transport, UpdateStream};
+use super::{
+    Assembly, ClientError, DEFAULT_MAX_CODE_BYTES, MESSAGE_HEADROOM_BYTES, Session, Transport,
+    UpdateStream,
+};
 use crate::pb::{
     AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
     RegisterResponse, SubscribeRequest, control_plane_client::ControlPlaneClient,
@@ -24,6 +27,7 @@ pub struct GrpcTransport {
     addr: String,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
+    max_code_bytes: u64,
 }
 
 impl GrpcTransport {
@@ -37,7 +41,16 @@ impl GrpcTransport {
             addr: addr.to_owned(),
             server_name,
             tls,
+            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
         })
+    }
+
+    /// The largest bundle this client takes, inline or fetched ([`DEFAULT_MAX_CODE_BYTES`]
+    /// unless set): the decoder admits updates that large plus headroom, and a fetch stops past
+    /// it.
+    pub fn with_max_code_bytes(mut self, max_code_bytes: u64) -> Self {
+        self.max_code_bytes = max_code_bytes;
+        self
     }
 
     /// A mutually authenticated HTTP/2 channel, for the services served beside the control
@@ -95,14 +108,19 @@ impl Transport for GrpcTransport {
     }
 
     async fn connect(&self) -> Result<Box<dyn Session>, ClientError> {
+        let max_message =
+            usize::try_from(self.max_code_bytes + MESSAGE_HEADROOM_BYTES).unwrap_or(usize::MAX);
         Ok(Box::new(GrpcSession {
-            client: ControlPlaneClient::new(self.channel().await?),
+            client: ControlPlaneClient::new(self.channel().await?)
+                .max_decoding_message_size(max_message),
+            max_code_bytes: self.max_code_bytes,
         }))
     }
 }
 
 struct GrpcSession {
     client: ControlPlaneClient<Channel>,
+    max_code_bytes: u64,
 }
 
 #[async_trait]
@@ -126,24 +144,11 @@ impl Session for GrpcSession {
             .await
             .map_err(status)?
             .into_inner();
-        let mut checksum = String::new();
-        let mut code = BytesMut::new();
+        let mut assembly = Assembly::new(self.max_code_bytes);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(status)?;
-            if chunk.offset == 0 {
-                checksum = chunk.checksum;
-                code.reserve(usize::try_from(chunk.size).unwrap_or(0).min(64 << 20));
-            }
-            if usize::try_from(chunk.offset).ok() != Some(code.len()) {
-                return Err(ClientError::Verification(format!(
-                    "chunk at offset {} after {} bytes",
-                    chunk.offset,
-                    code.len()
-                )));
-            }
-            code.extend_from_slice(&chunk.data);
+            assembly.push(chunk.map_err(status)?)?;
         }
-        Ok((checksum, code.freeze()))
+        Ok(assembly.finish())
     }
 
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {

@@ -19,15 +19,26 @@ use bytes::Bytes;
 use futures_util::Stream;
 use sha2::{Digest, Sha256};
 
-pub use consumer::{Backoff, Consumer, ConsumerOptions, Handler, Position};
+pub use consumer::{Backoff, Consumer, ConsumerOptions, Handler, Position, Refusal};
 pub use failover::FailoverTransport;
 pub use grpc::GrpcTransport;
 pub use quic::QuicTransport;
 
-use crate::pb::{
-    AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
-    RegisterResponse, SubscribeRequest, WorkerUpdate,
+use crate::{
+    core::{Checksum, Epoch, Version, WorkerName},
+    pb::{
+        AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
+        RegisterResponse, SubscribeRequest, UpdateKind, WorkerChunk, WorkerUpdate,
+    },
 };
+
+/// The largest bundle a consumer takes by default: the core's own default `MAX_CODE_BYTES`.
+pub const DEFAULT_MAX_CODE_BYTES: u64 = 10 << 20;
+
+/// Room for everything of a message other than its code (names, version, checksum, epoch and
+/// protobuf framing take well under 1 KiB): a message-size limit is the code it may carry plus
+/// this.
+pub const MESSAGE_HEADROOM_BYTES: u64 = 64 << 10;
 
 /// What went wrong on the client side.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,6 +99,104 @@ pub trait Transport: Send + Sync {
     fn name(&self) -> &'static str;
     /// Connects and completes the handshake.
     async fn connect(&self) -> Result<Box<dyn Session>, ClientError>;
+    /// Closes every connection this transport made and waits (briefly) until the server was
+    /// told, so that a stopped consumer shows as gone at once rather than after a timeout. A
+    /// closed transport may not connect again.
+    async fn close(&self) {}
+}
+
+/// Checks every string and number of an update before anything prints or uses it: names and
+/// versions as the core's own rules, a 64-hex-digit checksum, a printable epoch, a size within
+/// `max_code_bytes`. The reason names the field (its value escaped and cut short).
+pub fn validate(update: &WorkerUpdate, max_code_bytes: u64) -> Result<(), String> {
+    Epoch::parse(&update.epoch).map_err(|e| e.to_string())?;
+    match UpdateKind::try_from(update.kind) {
+        Ok(UpdateKind::Put) => {
+            WorkerName::parse(&update.worker_name).map_err(|e| e.to_string())?;
+            Version::parse(&update.version).map_err(|e| e.to_string())?;
+            Checksum::parse(&update.checksum).map_err(|e| e.to_string())?;
+            let size = u64::try_from(update.size)
+                .map_err(|_| format!("invalid size {}: negative", update.size))?;
+            if size > max_code_bytes {
+                return Err(format!(
+                    "size {size} bytes exceeds --max-code-bytes {max_code_bytes}"
+                ));
+            }
+        }
+        Ok(UpdateKind::Delete) => {
+            WorkerName::parse(&update.worker_name).map_err(|e| e.to_string())?;
+            if !update.version.is_empty() {
+                Version::parse(&update.version).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(UpdateKind::Reset | UpdateKind::Synced | UpdateKind::Unspecified) => {}
+        Err(_) => return Err(format!("unknown update kind {}", update.kind)),
+    }
+    Ok(())
+}
+
+/// A fetched bundle being put together from its chunks, bounded twice: by the size the first
+/// chunk announces, and by the largest bundle this consumer takes. Nothing past either is
+/// buffered, however much a server streams.
+pub(crate) struct Assembly {
+    max_bytes: u64,
+    announced: Option<u64>,
+    checksum: String,
+    code: bytes::BytesMut,
+}
+
+impl Assembly {
+    pub(crate) fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            announced: None,
+            checksum: String::new(),
+            code: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Takes the next chunk, or says why the fetch must stop.
+    pub(crate) fn push(&mut self, chunk: WorkerChunk) -> Result<(), ClientError> {
+        let announced = match self.announced {
+            Some(announced) => announced,
+            None => {
+                let announced = u64::try_from(chunk.size).map_err(|_| {
+                    ClientError::Verification(format!("fetch announced size {}", chunk.size))
+                })?;
+                if announced > self.max_bytes {
+                    return Err(ClientError::Verification(format!(
+                        "fetch announced {announced} bytes, more than --max-code-bytes {}",
+                        self.max_bytes
+                    )));
+                }
+                self.checksum = chunk.checksum;
+                // Bounded by the check above: never more than the consumer's maximum.
+                self.code
+                    .reserve(usize::try_from(announced).unwrap_or(usize::MAX));
+                self.announced = Some(announced);
+                announced
+            }
+        };
+        if u64::try_from(chunk.offset).ok() != Some(self.code.len() as u64) {
+            return Err(ClientError::Verification(format!(
+                "chunk at offset {} after {} bytes",
+                chunk.offset,
+                self.code.len()
+            )));
+        }
+        if self.code.len() as u64 + chunk.data.len() as u64 > announced {
+            return Err(ClientError::Verification(format!(
+                "fetch sent more than the {announced} bytes it announced"
+            )));
+        }
+        self.code.extend_from_slice(&chunk.data);
+        Ok(())
+    }
+
+    /// The announced checksum and the code.
+    pub(crate) fn finish(self) -> (String, Bytes) {
+        (self.checksum, self.code.freeze())
+    }
 }
 
 /// Verifies `code` against the checksum and size an update announced.
@@ -121,6 +230,86 @@ mod tests {
         let checksum = crate::core::Checksum::of(CODE);
         verify(CODE, checksum.as_str(), 17).unwrap();
         verify(CODE, &checksum.as_str().to_ascii_uppercase(), 17).unwrap();
+    }
+
+    fn chunk(size: i64, offset: i64, data: &'static [u8]) -> WorkerChunk {
+        WorkerChunk {
+            checksum: "c".into(),
+            size,
+            offset,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn a_fetch_stops_at_the_announced_size_and_at_the_maximum() {
+        let mut whole = Assembly::new(8);
+        whole.push(chunk(6, 0, b"abc")).unwrap();
+        whole.push(chunk(0, 3, b"def")).unwrap();
+        assert_eq!(
+            whole.finish(),
+            ("c".to_owned(), Bytes::from_static(b"abcdef"))
+        );
+
+        let mut past = Assembly::new(8);
+        past.push(chunk(4, 0, b"abc")).unwrap();
+        assert!(
+            past.push(chunk(0, 3, b"de")).is_err(),
+            "past the announced size"
+        );
+        assert!(Assembly::new(8).push(chunk(1 << 40, 0, b"a")).is_err());
+        assert!(Assembly::new(8).push(chunk(-1, 0, b"a")).is_err());
+        let mut gap = Assembly::new(8);
+        gap.push(chunk(6, 0, b"abc")).unwrap();
+        assert!(gap.push(chunk(0, 4, b"ef")).is_err(), "not contiguous");
+    }
+
+    #[test]
+    fn updates_with_strings_a_terminal_would_interpret_are_refused() {
+        let good = WorkerUpdate {
+            kind: UpdateKind::Put as i32,
+            epoch: "e1".into(),
+            worker_name: "app".into(),
+            version: "1.0.0".into(),
+            checksum: "ab".repeat(32),
+            size: 10,
+            ..WorkerUpdate::default()
+        };
+        validate(&good, 10).unwrap();
+        let bad = [
+            WorkerUpdate {
+                worker_name: "app\0".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                version: "1\u{1b}[2J".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                checksum: "zz".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                epoch: "e\n".into(),
+                ..good.clone()
+            },
+            WorkerUpdate {
+                size: -1,
+                ..good.clone()
+            },
+            WorkerUpdate {
+                size: 11,
+                ..good.clone()
+            },
+            WorkerUpdate {
+                kind: 99,
+                ..good.clone()
+            },
+        ];
+        for update in bad {
+            let reason = validate(&update, 10).unwrap_err();
+            assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        }
     }
 
     #[test]

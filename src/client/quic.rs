@@ -11,12 +11,14 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use quinn::{Connection, Endpoint};
 use rustls_pki_types::ServerName;
 
-use super::{ClientError, Session, Transport, UpdateStream, grpc::host_of};
+use super::{
+    Assembly, ClientError, DEFAULT_MAX_CODE_BYTES, Session, Transport, UpdateStream, grpc::host_of,
+};
 use crate::{
     pb::{
         AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, QuicRequest,
@@ -37,8 +39,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection silent this long is gone (the smaller of both sides' values applies).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest bundle a fetch will buffer.
-const MAX_BUNDLE_BYTES: usize = 64 << 20;
+/// How long closing waits for the server to hear of it.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Connects to a QUIC endpoint with mutual TLS (ALPN `workerpush/1`).
 pub struct QuicTransport {
@@ -46,6 +48,7 @@ pub struct QuicTransport {
     host: String,
     endpoint: Endpoint,
     config: quinn::ClientConfig,
+    max_code_bytes: u64,
 }
 
 impl QuicTransport {
@@ -80,7 +83,14 @@ impl QuicTransport {
             host,
             endpoint,
             config,
+            max_code_bytes: DEFAULT_MAX_CODE_BYTES,
         })
+    }
+
+    /// The largest bundle a fetch takes ([`DEFAULT_MAX_CODE_BYTES`] unless set).
+    pub fn with_max_code_bytes(mut self, max_code_bytes: u64) -> Self {
+        self.max_code_bytes = max_code_bytes;
+        self
     }
 
     /// The server's address now (DNS may have moved it), in the family of our socket.
@@ -118,7 +128,17 @@ impl Transport for QuicTransport {
             .await
             .map_err(|_| ClientError::Transport(format!("connect {}: timed out", self.addr)))?
             .map_err(|e| ClientError::Transport(format!("connect {}: {e}", self.addr)))?;
-        Ok(Box::new(QuicSession { connection }))
+        Ok(Box::new(QuicSession {
+            connection,
+            max_code_bytes: self.max_code_bytes,
+        }))
+    }
+
+    /// Closes every connection with code 0 and waits until the close went out, so that the
+    /// core sees the consumer leave at once instead of after its idle timeout.
+    async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"consumer stopped");
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 }
 
@@ -126,6 +146,7 @@ impl Transport for QuicTransport {
 /// subscription still being read) are dropped too: quinn closes on the last handle.
 struct QuicSession {
     connection: Connection,
+    max_code_bytes: u64,
 }
 
 fn transport_error(error: impl std::fmt::Display) -> ClientError {
@@ -225,37 +246,15 @@ impl Session for QuicSession {
 
     async fn fetch(&self, request: FetchWorkerRequest) -> Result<(String, Bytes), ClientError> {
         let mut frames = self.open(Request::Fetch(request)).await?;
-        let mut checksum = String::new();
-        let mut code = BytesMut::new();
+        let mut assembly = Assembly::new(self.max_code_bytes);
         while let Some(response) = next(&mut frames).await? {
-            let chunk = match response {
-                Response::Chunk(chunk) => chunk,
+            match response {
+                Response::Chunk(chunk) => assembly.push(chunk)?,
                 Response::Error(refused) => return Err(status(refused)),
                 other => return Err(unexpected("fetch", &other)),
-            };
-            if chunk.offset == 0 {
-                checksum = chunk.checksum;
-                code.reserve(
-                    usize::try_from(chunk.size)
-                        .unwrap_or(0)
-                        .min(MAX_BUNDLE_BYTES),
-                );
             }
-            if usize::try_from(chunk.offset).ok() != Some(code.len()) {
-                return Err(ClientError::Verification(format!(
-                    "chunk at offset {} after {} bytes",
-                    chunk.offset,
-                    code.len()
-                )));
-            }
-            if code.len() + chunk.data.len() > MAX_BUNDLE_BYTES {
-                return Err(ClientError::Verification(format!(
-                    "bundle larger than {MAX_BUNDLE_BYTES} bytes"
-                )));
-            }
-            code.extend_from_slice(&chunk.data);
         }
-        Ok((checksum, code.freeze()))
+        Ok(assembly.finish())
     }
 
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError> {

@@ -368,6 +368,7 @@ impl Fleet {
                 },
                 ack: true,
                 endpoint: None,
+                ..ConsumerOptions::default()
             };
             let log = SharedLog::default();
             let pause = Pause::default();

@@ -51,6 +51,9 @@ pub struct GrpcLimits {
     pub keepalive_interval: Duration,
     /// See `keepalive_interval`.
     pub keepalive_timeout: Duration,
+    /// The largest message encoded or decoded: the inline code limit plus headroom, so that
+    /// every update the core sends fits (tonic's own 4 MiB would refuse larger inline code).
+    pub max_message_bytes: usize,
 }
 
 impl Default for GrpcLimits {
@@ -65,8 +68,15 @@ impl Default for GrpcLimits {
             per_identity: IdentityLimits::default(),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(20),
+            max_message_bytes: message_limit(1 << 20),
         }
     }
+}
+
+/// The gRPC message limit for code up to `inline_max_bytes` inline.
+pub fn message_limit(inline_max_bytes: u64) -> usize {
+    usize::try_from(inline_max_bytes.saturating_add(crate::client::MESSAGE_HEADROOM_BYTES))
+        .unwrap_or(usize::MAX)
 }
 
 /// Serves gRPC on `listener` until `shutdown`: then stops accepting and drains. Streams end
@@ -140,7 +150,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(ControlPlaneServer::new(service))
+        .add_service(
+            ControlPlaneServer::new(service)
+                .max_encoding_message_size(limits.max_message_bytes)
+                .max_decoding_message_size(limits.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             drain.cancelled().await;
             // Load balancers and health watchers learn first; `Watch` streams then end.

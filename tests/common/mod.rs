@@ -388,6 +388,19 @@ pub fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool)
     }
 }
 
+/// Polls `check` every 20 ms until it holds, failing after `within` (the async [`eventually`]).
+pub async fn until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A QUIC session as client `name` (from `certs/clients/`).
 pub async fn quic_session(certs: &Path, quic: SocketAddr, name: &str) -> Box<dyn Session> {
     quic_transport(certs, quic, name).connect().await.unwrap()
@@ -558,5 +571,129 @@ pub async fn until_synced(
             return (updates, update.revision);
         }
         updates.push(update);
+    }
+}
+
+/// `workerpush watch --json` as its own process, run in `dir` (certificates from
+/// `dir/certs`, client `consumer-1`), its events and stderr collected.
+pub struct WatchProcess {
+    pub child: Child,
+    pub events: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl WatchProcess {
+    /// `watch --transport T --addr localhost:PORT --out OUT --json` plus `extra`.
+    pub fn start(dir: &Path, transport: &str, port: u16, out: &Path, extra: &[&str]) -> Self {
+        let addr = format!("localhost:{port}");
+        let out = out.display().to_string();
+        let mut args = vec!["watch", "--transport", transport];
+        if !extra.contains(&"--addr") {
+            args.extend(["--addr", &addr]);
+        }
+        args.extend([
+            "--ca",
+            "certs/ca.pem",
+            "--cert",
+            "certs/clients/consumer-1.pem",
+            "--key",
+            "certs/clients/consumer-1-key.pem",
+            "--out",
+            &out,
+            "--json",
+        ]);
+        args.extend(extra);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                sink.lock().unwrap().push(event);
+            }
+        });
+        let text = Arc::new(Mutex::new(String::new()));
+        let sink = text.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("watch: {line}");
+                let mut text = sink.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self {
+            child,
+            events,
+            stderr: text,
+        }
+    }
+
+    /// The first event matching `check`, if any yet.
+    pub fn saw(&self, check: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| check(e))
+            .cloned()
+    }
+
+    /// Waits (up to 20 s) for an event of `kind` about `worker`@`version` (empty: any), and
+    /// returns it.
+    pub fn wait_for(&self, kind: &str, worker: &str, version: &str) -> serde_json::Value {
+        let check = |e: &serde_json::Value| {
+            e["kind"] == kind
+                && (worker.is_empty() || e["worker_name"] == worker)
+                && (version.is_empty() || e["version"] == version)
+        };
+        eventually(
+            Duration::from_secs(20),
+            &format!("{kind} {worker} {version}"),
+            || self.saw(check).is_some(),
+        );
+        self.saw(check).unwrap()
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watch did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for WatchProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
