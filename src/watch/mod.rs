@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub use exec::Exec;
@@ -73,14 +72,12 @@ struct SavedPosition {
 
 /// Runs the watcher until `shutdown`, `--once`'s SYNCED, or a refusal retrying cannot fix.
 pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), WatchError> {
-    let ca = std::fs::read(&args.ca)
+    // A CA that cannot be read is a configuration error before `--out` is touched.
+    std::fs::metadata(&args.ca)
         .map_err(|e| ClientError::Config(format!("--ca {}: {e}", args.ca.display())))?;
-    // Who writes this `--out`: the CA the servers are trusted through and the consumer id.
-    let deployment = format!(
-        "consumer {:?}, CA sha256 {}",
-        args.consumer_id,
-        &hex::encode(Sha256::digest(&ca))[..16]
-    );
+    // Who writes this `--out`: the consumer id. Not the CA file, which a rotation rewrites
+    // (README, "Rotation and revocation") while the deployment stays the same.
+    let deployment = format!("consumer {:?}", args.consumer_id);
     let out = OutDir::open(&args.out, &deployment)?;
     let saved: SavedPosition = out
         .read(POSITION_FILE)
