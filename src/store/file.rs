@@ -10,6 +10,8 @@
 //! <dir>/log                  append-only change log: one record per group commit
 //! <dir>/snapshot             optional: the whole state at some head, written by compaction
 //! <dir>/consumers.json       the consumer registry, rewritten whole (at most about once a second)
+//! <dir>/hook-claims          signed hook requests claimed inside their window (`<key> <expiry>`
+//!                            lines, fsynced per claim, rewritten with the live ones at open)
 //! <dir>/bundles/<checksum>   worker code, content-addressed by its lowercase hex SHA-256
 //! ```
 //!
@@ -58,6 +60,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::claims::{ClaimsFile, unix_now};
 use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store,
     StoreError, Tail,
@@ -144,6 +147,8 @@ struct Shared {
     bundles: Mutex<PendingBundles>,
     /// Wakes the bundle flusher.
     bundles_carried: Notify,
+    /// Claimed hook requests (`hook-claims`).
+    claims: Mutex<ClaimsFile>,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -203,6 +208,10 @@ impl FileStore {
             blocking(move || recover(&dir, &config)).await??
         };
         let head = opened.machine.head();
+        let claims = {
+            let dir = dir.clone();
+            blocking(move || ClaimsFile::open(&dir, unix_now())).await??
+        };
         tracing::info!(
             dir = %dir.display(), epoch = %opened.machine.epoch(), head,
             logged = opened.log.changes, "file store opened"
@@ -223,6 +232,7 @@ impl FileStore {
             registry_changed: Notify::new(),
             bundles: Mutex::new(PendingBundles::default()),
             bundles_carried: Notify::new(),
+            claims: Mutex::new(claims),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -380,6 +390,24 @@ impl Store for FileStore {
         self.check()?;
         let view = lock(&self.shared.view);
         Ok(view.machine.changes_after_until(after, limit, view.durable))
+    }
+
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
+        self.check()?;
+        let view = lock(&self.shared.view);
+        Ok((view.machine.epoch().clone(), view.durable))
+    }
+
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        self.check()?;
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            lock(&shared.claims)
+                .claim(&key, expires_unix_s, unix_now())
+                .map_err(StoreError::from)
+        })
+        .await?
     }
 
     fn head_hint(&self) -> watch::Receiver<Revision> {

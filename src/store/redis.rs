@@ -14,6 +14,7 @@
 //! | `{prefix}:versions` | hash | `<worker>/<version>` → checksum, for every version ever published (kept forever: immutability survives deletes) |
 //! | `{prefix}:bundle:<checksum>` | string | the code (`SET NX`) |
 //! | `{prefix}:consumers` | hash | consumer id → its registry record (JSON, see [`registry`]) |
+//! | `{prefix}:claim:<signature>` | string | a hook request already applied, until its window ends |
 //! | `{prefix}:hint` | pub/sub channel | the revision of each commit: a wake-up only |
 //!
 //! A change record is JSON with string fields: `{"r": revision, "k": "put"|"delete", "w":
@@ -28,18 +29,27 @@
 //! `head + 1` and only trimmed from the front, the retained log is always contiguous and ends at
 //! the head; reads check it anyway.
 //!
-//! # The epoch
-//! Every script first makes sure the epoch exists, creating it atomically when missing (first
-//! use, or Redis lost its data). So `apply` never refuses for lack of an epoch and never writes
-//! history under none: a flushed Redis simply starts a new history in a new epoch, and every
-//! core that followed the old one reloads and sends its subscribers `RESET`. Each store also
-//! remembers the highest head it has seen in the current epoch; if Redis comes back with the
-//! same epoch but an older head (restored from a stale snapshot), the next script starts a new
-//! epoch rather than hand out revision numbers that consumers have already seen for other
-//! changes.
+//! # The epoch, and a Redis that lost its data
+//! The first script to find no epoch creates one — for a store that has not followed any
+//! history yet (first use). A store that has followed one (it remembers the newest epoch and
+//! the highest head it saw) never starts over by itself: when the epoch is missing (Redis
+//! flushed, restarted without persistence, failed over to an empty replica) or the head went
+//! back under the same epoch (restored from a stale snapshot, failed over to a replica that
+//! lacked the last writes), every script answers `WPLOST` ([`StoreError::HistoryLost`]) and
+//! changes nothing. The core then re-seeds ([`Store::reseed`]): one script that, only while
+//! the history is still lost, starts a new epoch holding every live worker the core holds.
+//! Of several cores noticing at once, the first script seeds and the others find a history
+//! they did not lose and reload it. So a revision is never given twice in one epoch, and a
+//! new epoch never starts empty while a core holds workers.
+//!
+//! # Hook replays
+//! `{prefix}:claim:<signature>` (`SET NX EXAT` the end of the request's time window) is the
+//! fleet's replay guard: whichever core sees a signed request first claims it.
 //!
 //! # Operating it
-//! Durability is what Redis acknowledges: run it with `appendonly yes` (and `appendfsync
+//! Durability is what Redis acknowledges — with `min_replicas`, what that many replicas
+//! acknowledged too (`WAIT` after every commit; fewer in time answers
+//! [`StoreError::Unavailable`], and the retried put answers with the revision it got). Run it with `appendonly yes` (and `appendfsync
 //! always` for the design's "survives kill -9"), and `maxmemory-policy noeviction` — an
 //! evicted key would silently break history. The first `load` reads the `append*` settings
 //! (where `CONFIG` is allowed) and warns when acknowledged writes could be lost. For Redis
@@ -78,7 +88,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::registry::Registry;
 use super::{
-    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Store, StoreError, Tail,
+    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Reseeded, Store, StoreError,
+    Tail,
 };
 use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
 
@@ -96,6 +107,9 @@ pub struct RedisConfig {
     /// How long one operation may take, reconnecting included, before it answers
     /// [`StoreError::Unavailable`].
     pub response_timeout: Duration,
+    /// Replicas that must hold a change (`WAIT`) before it is acknowledged; 0: the primary's
+    /// answer is enough.
+    pub min_replicas: u32,
 }
 
 impl Default for RedisConfig {
@@ -106,6 +120,7 @@ impl Default for RedisConfig {
             retain: 10_000,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
+            min_replicas: 0,
         }
     }
 }
@@ -117,6 +132,7 @@ pub struct RedisStore {
     scripts: Scripts,
     retain: usize,
     response_timeout: Duration,
+    min_replicas: u32,
     head: watch::Sender<Revision>,
     /// The highest head seen in the newest epoch seen: a fence against Redis coming back with
     /// the same epoch but a shorter history.
@@ -150,12 +166,18 @@ impl Keys {
     fn bundle(&self, checksum: &Checksum) -> String {
         format!("{}:bundle:{checksum}", self.prefix)
     }
+
+    fn claim(&self, key: &str) -> String {
+        format!("{}:claim:{key}", self.prefix)
+    }
 }
 
 struct Scripts {
     load: Script,
     changes: Script,
     apply: Script,
+    head: Script,
+    reseed: Script,
 }
 
 impl RedisStore {
@@ -211,9 +233,12 @@ impl RedisStore {
                 load: Script::new(&format!("{PREAMBLE}{LOAD}")),
                 changes: Script::new(&format!("{PREAMBLE}{CHANGES}")),
                 apply: Script::new(&format!("{PREAMBLE}{APPLY}")),
+                head: Script::new(&format!("{PREAMBLE}{HEAD}")),
+                reseed: Script::new(RESEED),
             },
             retain: config.retain.max(1),
             response_timeout: config.response_timeout,
+            min_replicas: config.min_replicas,
             head,
             seen: Mutex::new(None),
             registry,
@@ -312,6 +337,34 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// With `min_replicas`, waits until that many replicas hold every write this store's
+    /// connection made (the change just committed included); refuses the answer otherwise,
+    /// so that a failover to a replica never loses a change that was acknowledged.
+    async fn replicated(&self, what: &str) -> Result<(), StoreError> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        // Half the response timeout for the replicas, the rest for the round trip.
+        let wait_ms = (self.response_timeout / 2).as_millis().max(1);
+        let acked: u64 = self
+            .run("wait", true, |mut connection| {
+                let mut command = redis::cmd("WAIT");
+                command.arg(self.min_replicas).arg(wait_ms as u64);
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        if acked < u64::from(self.min_replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "redis {what}: committed on the primary but held by {acked} of the {} replicas \
+                 --redis-min-replicas asks for within {wait_ms} ms; not acknowledged",
+                self.min_replicas
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
 fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str> {
     match (
@@ -327,6 +380,9 @@ fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str
 /// Maps a Redis error: our scripts' `WPCORRUPT` and unreadable replies are corruption;
 /// everything else (I/O, timeouts, loading, read-only replicas, OOM) is temporary.
 fn store_error(what: &str, error: &RedisError) -> StoreError {
+    if error.code() == Some("WPLOST") {
+        return StoreError::HistoryLost(format!("redis {what}: {error}"));
+    }
     let corrupt = error.code() == Some("WPCORRUPT")
         || matches!(
             error.kind(),
@@ -510,6 +566,7 @@ impl Store for RedisStore {
                     return Err(corrupt("apply", "committed revision is not the head"));
                 }
                 self.head.send_replace(change.revision);
+                self.replicated("apply").await?;
                 Ok(Outcome::Committed(change))
             }
             "unchanged" => Ok(Outcome::Unchanged(decode_change(&payload)?)),
@@ -548,6 +605,86 @@ impl Store for RedisStore {
                 Ok(Tail::Changes { epoch, changes })
             }
             other => Err(corrupt("changes_after status", other)),
+        }
+    }
+
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
+        let (fresh, known_epoch, known_head) = self.fence();
+        let (epoch, head): (String, Revision) = self
+            .run("head", true, |mut connection| {
+                let mut invocation = self.scripts.head.prepare_invoke();
+                invocation
+                    .key(&self.keys.state)
+                    .arg(&fresh)
+                    .arg(&known_epoch)
+                    .arg(known_head);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        Ok((self.observe(&epoch, head)?, head))
+    }
+
+    /// `SET NX EXAT`: one key per request, expiring with its window, shared by every core.
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        let redis_key = self.keys.claim(key);
+        // Idempotent only in effect, not in answer: a retried `SET NX` whose first try landed
+        // would answer "replayed". Never retried after a lost answer, so the caller sees 503.
+        let set: Option<String> = self
+            .run("claim", false, |mut connection| {
+                let mut command = redis::cmd("SET");
+                command
+                    .arg(&redis_key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(expires_unix_s.max(1));
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        if set.is_some() {
+            self.replicated("claim").await?;
+        }
+        Ok(set.is_some())
+    }
+
+    async fn reseed(&self, latest: &[Change], timestamp_ms: i64) -> Result<Reseeded, StoreError> {
+        let (fresh, known_epoch, known_head) = self.fence();
+        let records: Vec<String> = (1..)
+            .zip(latest)
+            .map(|(revision, change)| {
+                serde_json::json!({
+                    "r": revision.to_string(), "k": "put", "w": change.worker.as_str(),
+                    "v": change.version.as_str(), "c": change.checksum.as_str(),
+                    "s": change.size.to_string(), "t": timestamp_ms.to_string(),
+                })
+                .to_string()
+            })
+            .collect();
+        let (epoch, head, status): (String, Revision, String) = self
+            // Safe to retry: a second run after a lost answer finds the history seeded and
+            // answers `notlost` (the caller then just reloads).
+            .run("reseed", true, |mut connection| {
+                let mut invocation = self.scripts.reseed.prepare_invoke();
+                invocation
+                    .key(&self.keys.state)
+                    .arg(&fresh)
+                    .arg(&known_epoch)
+                    .arg(known_head)
+                    .arg(self.retain)
+                    .arg(&self.keys.hint)
+                    .arg(&records);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        let epoch = self.observe(&epoch, head)?;
+        match status.as_str() {
+            "seeded" => {
+                self.head.send_replace(head);
+                self.replicated("reseed").await?;
+                Ok(Reseeded::Seeded { epoch, head })
+            }
+            "notlost" => Ok(Reseeded::NotLost),
+            other => Err(corrupt("reseed status", other)),
         }
     }
 
@@ -679,9 +816,11 @@ if not head then
   return redis.error_reply('WPCORRUPT head is not a number')
 end
 local epoch = redis.call('GET', KEYS[1])
-if epoch and epoch == ARGV[2] and head < tonumber(ARGV[3]) then
-  -- Same epoch, shorter history: changes were lost. Their revisions must not be reused.
-  epoch = false
+if ARGV[2] ~= '' and ((not epoch) or (epoch == ARGV[2] and head < tonumber(ARGV[3]))) then
+  -- The history this caller followed is gone (flushed, restarted empty, failed over to a
+  -- replica without the last writes). Change nothing: the caller's core re-seeds it.
+  return redis.error_reply('WPLOST epoch ' .. ARGV[2] .. ' at head ' .. ARGV[3] ..
+    ' is gone (store epoch ' .. (epoch or 'none') .. ', head ' .. string.format('%d', head) .. ')')
 end
 if not epoch then
   epoch = ARGV[1]
@@ -694,6 +833,46 @@ local function log_values(entries)
   end
   return values
 end
+";
+
+/// Returns epoch, head.
+const HEAD: &str = r"
+return {epoch, head}
+";
+
+/// [`Store::reseed`], not behind the preamble. KEYS as every script; ARGV[1]: the new epoch;
+/// 2, 3: the epoch and head the caller followed; 4: retain; 5: hint channel; 6..: the change
+/// records to seed, revisions 1..n. Seeds only while that history is still lost (no epoch, or
+/// the same epoch with a lower head); otherwise answers 'notlost' and changes nothing.
+/// Returns epoch, head, 'seeded' | 'notlost'.
+const RESEED: &str = r"
+local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not head then
+  return redis.error_reply('WPCORRUPT head is not a number')
+end
+local epoch = redis.call('GET', KEYS[1])
+local lost = (not epoch) or (ARGV[2] ~= '' and epoch == ARGV[2] and head < tonumber(ARGV[3]))
+if not lost then
+  return {epoch, head, 'notlost'}
+end
+-- What a stale restore left of the lost history goes; `versions` stays (immutability).
+redis.call('DEL', KEYS[3], KEYS[5])
+epoch = ARGV[1]
+redis.call('SET', KEYS[1], epoch)
+local revision = 0
+for i = 6, #ARGV do
+  local ok, c = pcall(cjson.decode, ARGV[i])
+  if not ok or type(c) ~= 'table' then
+    return redis.error_reply('WPCORRUPT seed record does not decode')
+  end
+  revision = revision + 1
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], string.format('%d-0', revision), 'c', ARGV[i])
+  redis.call('HSET', KEYS[4], c.w .. '/' .. c.v, c.c)
+  redis.call('HSET', KEYS[5], c.w, ARGV[i])
+end
+redis.call('SET', KEYS[2], string.format('%d', revision))
+redis.call('PUBLISH', ARGV[5], string.format('%d', revision))
+return {epoch, revision, 'seeded'}
 ";
 
 /// Returns epoch, head, latest records, the whole retained log.
@@ -791,6 +970,7 @@ mod tests {
             retain: 1000,
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(2),
+            min_replicas: 0,
         }
     }
 
@@ -1069,7 +1249,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn store_recovers_with_a_new_epoch_after_redis_restarts_empty() {
+    async fn after_redis_restarts_empty_one_of_two_stores_reseeds_a_new_epoch() {
         if std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -1102,12 +1282,44 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
 
         let _server = start_redis(port).await;
+        // A store that followed the lost history changes nothing until it is re-seeded.
+        assert!(matches!(a.load().await, Err(StoreError::HistoryLost(_))));
+        assert!(matches!(
+            a.apply(put("a", "3", b"3"), 1).await,
+            Err(StoreError::HistoryLost(_))
+        ));
+        let seed = Change {
+            revision: 1,
+            kind: ChangeKind::Put,
+            worker: WorkerName::parse("a").unwrap(),
+            version: Version::parse("1").unwrap(),
+            checksum: Checksum::of(b"1"),
+            size: 1,
+            timestamp_ms: 1,
+        };
+        // Both notice; exactly one seeds.
+        let (first, second) = tokio::join!(
+            a.reseed(std::slice::from_ref(&seed), 5),
+            b.reseed(std::slice::from_ref(&seed), 5)
+        );
+        let outcomes = [first.unwrap(), second.unwrap()];
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Reseeded::Seeded { head: 1, .. }))
+                .count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert!(outcomes.contains(&Reseeded::NotLost), "{outcomes:?}");
         let state = a.load().await.unwrap();
         assert_ne!(state.epoch, before, "history lost: new epoch");
-        assert_eq!((state.head, state.latest.len()), (0, 0));
-        assert_eq!(committed(&a, "a", "3").await, 1);
+        assert_eq!(state.head, 1);
+        assert_eq!(state.latest[0].version.as_str(), "1");
+        assert_eq!(b.head().await.unwrap(), (state.epoch.clone(), 1));
+        assert_eq!(committed(&a, "a", "3").await, 2);
         assert!(matches!(
-            b.changes_after(1, 10).await.unwrap(),
+            b.changes_after(2, 10).await.unwrap(),
             Tail::Changes { epoch, changes } if epoch == state.epoch && changes.is_empty()
         ));
         hint_travels(&b, &a, "after").await;
@@ -1320,7 +1532,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn same_epoch_with_a_shorter_history_becomes_a_new_epoch() {
+    async fn same_epoch_with_a_shorter_history_is_lost_until_reseeded_in_a_new_epoch() {
         let prefix = fresh_prefix();
         let store = open(REDIS, &prefix);
         let before = store.load().await.unwrap().epoch;
@@ -1354,10 +1566,28 @@ mod tests {
             .await
             .map(drop)
             .unwrap();
-        match store.changes_after(2, 10).await.unwrap() {
-            Tail::Gone { epoch } => assert_ne!(epoch, before),
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(
+            store.changes_after(2, 10).await,
+            Err(StoreError::HistoryLost(_))
+        ));
+        // What the core held: `a` at version 2.
+        let held = [Change {
+            revision: 2,
+            kind: ChangeKind::Put,
+            worker: WorkerName::parse("a").unwrap(),
+            version: Version::parse("2").unwrap(),
+            checksum: Checksum::of(b"2"),
+            size: 1,
+            timestamp_ms: 1,
+        }];
+        assert_eq!(
+            store.reseed(&held, 9).await.unwrap(),
+            Reseeded::Seeded {
+                epoch: store.head().await.unwrap().0,
+                head: 1
+            }
+        );
+        assert_ne!(store.head().await.unwrap().0, before);
         assert_eq!(
             committed(&store, "a", "3").await,
             2,
