@@ -142,7 +142,12 @@ impl Handler for WatchHandler {
             let version = Version::parse(&update.version).map_err(|e| e.to_string())?;
             let version_dir = dir.join(version.as_str());
             std::fs::create_dir_all(&version_dir).map_err(|e| e.to_string())?;
-            write_atomic(&version_dir.join("worker.js"), &code).map_err(|e| e.to_string())?;
+            let file = version_dir.join("worker.js");
+            // A snapshot after a RESET re-sends what is held: leave identical code alone.
+            let held = std::fs::read(&file).is_ok_and(|held| held == code.as_ref());
+            if !held {
+                write_atomic(&file, &code).map_err(|e| e.to_string())?;
+            }
             remove_other_versions(&dir, version.as_str()).map_err(|e| e.to_string())
         })();
         self.print(update, result.as_ref().err().map(String::as_str));

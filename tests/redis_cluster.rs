@@ -1514,6 +1514,18 @@ impl Watch {
         Self { child, out }
     }
 
+    /// Worker → the inode of its file: a rewrite (temp file + rename) changes it.
+    fn inodes(&self) -> BTreeMap<String, u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.held()
+            .into_iter()
+            .filter_map(|(worker, (version, _))| {
+                let path = self.out.join(&worker).join(version).join("worker.js");
+                std::fs::metadata(path).ok().map(|m| (worker, m.ino()))
+            })
+            .collect()
+    }
+
     /// Worker → (version, SHA-256 of its file), as on disk now.
     fn held(&self) -> BTreeMap<String, (String, String)> {
         let mut held = BTreeMap::new();
@@ -1619,6 +1631,7 @@ async fn a_redis_that_lost_its_data_is_reseeded_once_and_the_edge_keeps_every_wo
     )
     .await;
 
+    let files = watch.inodes();
     // The same data loss twice: FLUSHALL, then a restart without the data.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
@@ -1665,6 +1678,11 @@ async fn a_redis_that_lost_its_data_is_reseeded_once_and_the_edge_keeps_every_wo
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let inodes = watch.inodes();
+        assert!(
+            files.iter().all(|(w, inode)| inodes.get(w) == Some(inode)),
+            "loss {loss}: the watch rewrote code it held: {files:?} then {inodes:?}"
+        );
         assert_eq!(
             reseeds(&cluster).await,
             loss,
