@@ -569,7 +569,13 @@ impl Store for RedisStore {
                 self.replicated("apply").await?;
                 Ok(Outcome::Committed(change))
             }
-            "unchanged" => Ok(Outcome::Unchanged(decode_change(&payload)?)),
+            "unchanged" => {
+                let change = decode_change(&payload)?;
+                // A retry of a put whose first answer was "not replicated" must not be
+                // acknowledged before the replicas hold it either.
+                self.replicated("apply").await?;
+                Ok(Outcome::Unchanged(change))
+            }
             "conflict" => Ok(Outcome::Conflict {
                 existing: Checksum::parse(&String::from_utf8_lossy(&payload))
                     .map_err(|e| corrupt("stored checksum", e))?,
@@ -1217,6 +1223,11 @@ mod tests {
 
     /// A private, unpersisted `redis-server` on `port`, answering PING when this returns.
     async fn start_redis(port: u16) -> tokio::process::Child {
+        start_redis_with(port, &[]).await
+    }
+
+    /// [`start_redis`] with more arguments (`--replicaof …`).
+    async fn start_redis_with(port: u16, extra: &[&str]) -> tokio::process::Child {
         let child = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -1226,6 +1237,7 @@ mod tests {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -1594,5 +1606,84 @@ mod tests {
             "a revision in the new epoch"
         );
         remove_keys(REDIS, &prefix).await;
+    }
+
+    async fn command(url: &str, args: &[&str]) -> redis::Value {
+        let client = Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query_async(&mut connection).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_min_replicas_a_change_is_acknowledged_only_once_a_replica_holds_it() {
+        let (primary_port, replica_port) = (free_port(), free_port());
+        let primary_url = format!("redis://127.0.0.1:{primary_port}");
+        let replica_url = format!("redis://127.0.0.1:{replica_port}");
+        let _primary = start_redis(primary_port).await;
+        let primary_port_text = primary_port.to_string();
+        let mut replica = start_redis_with(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port_text],
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = command(&primary_url, &["INFO", "replication"]).await;
+            let info: String = redis::from_redis_value(info).unwrap();
+            if info.contains("connected_slaves:1") && info.contains("state=online") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica never came online: {info}"
+            );
+            // Polling the replication link while it comes up, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let prefix = fresh_prefix();
+        let mut config = config(&primary_url, &prefix);
+        config.min_replicas = 1;
+        config.response_timeout = Duration::from_millis(800);
+        let store = RedisStore::connect(config).unwrap();
+        let epoch = store.load().await.unwrap().epoch;
+        assert_eq!(committed(&store, "a", "1").await, 1);
+        assert_eq!(committed(&store, "a", "2").await, 2);
+
+        // The replica, promoted, holds every acknowledged change in the same epoch.
+        command(&replica_url, &["REPLICAOF", "NO", "ONE"]).await;
+        let promoted = open(&replica_url, &prefix);
+        assert_eq!(promoted.head().await.unwrap(), (epoch.clone(), 2));
+
+        // With no replica left, a change is not acknowledged, and says why.
+        replica.kill().await.unwrap();
+        let result = store.apply(put("a", "3", b"3"), 1).await;
+        match result {
+            Err(StoreError::Unavailable(why)) => {
+                assert!(why.contains("--redis-min-replicas"), "{why}")
+            }
+            other => panic!("acknowledged without a replica: {other:?}"),
+        }
+        // A retry once a replica is back answers with the revision it got.
+        let _replica = start_redis_with(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port_text],
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.apply(put("a", "3", b"3"), 1).await {
+                Ok(Outcome::Unchanged(change)) => {
+                    assert_eq!(change.revision, 3);
+                    break;
+                }
+                other => assert!(Instant::now() < deadline, "never acknowledged: {other:?}"),
+            }
+            // Retrying while the replica resynchronises, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
