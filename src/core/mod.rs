@@ -342,6 +342,7 @@ impl Core {
             checksum: checksum.clone(),
             size,
         };
+        let before = self.epoch();
         let mut outcome = self.put_and_apply(&checksum, &code, proposal.clone()).await;
         if let Err(StoreError::HistoryLost(why)) = &outcome {
             // The store lost its history under us: bring back what this core holds, then
@@ -352,7 +353,7 @@ impl Core {
                 Err(error) => Err(error),
             };
         }
-        let result = self.answer(outcome, &worker, Some(&version)).await;
+        let result = self.answer(&before, outcome, &worker, Some(&version)).await;
         if inline {
             lock(&self.fresh_code).remove(&checksum);
         }
@@ -382,6 +383,7 @@ impl Core {
         let proposal = Proposal::Delete {
             worker: worker.clone(),
         };
+        let before = self.epoch();
         let mut outcome = self.store.apply(proposal.clone(), now_ms()).await;
         if let Err(StoreError::HistoryLost(why)) = &outcome {
             let why = why.clone();
@@ -390,28 +392,24 @@ impl Core {
                 Err(error) => Err(error),
             };
         }
-        let published = self.answer(outcome, &worker, None).await?;
+        let published = self.answer(&before, outcome, &worker, None).await?;
         metrics::counter!("workerpush_changes_published_total", "kind" => "delete").increment(1);
         Ok(published)
     }
 
+    /// `before`: this core's epoch when the change was proposed.
     async fn answer(
         &self,
+        before: &Epoch,
         outcome: Result<Outcome, StoreError>,
         worker: &WorkerName,
         version: Option<&Version>,
     ) -> Result<Published, PublishError> {
         let (change, created) = match outcome? {
-            Outcome::Committed(change) => {
-                self.visible(change.revision).await;
-                (change, true)
-            }
-            Outcome::Unchanged(change) => {
-                // Durable already; a concurrent publish of the same version may not be visible
-                // yet, and the answer must not run ahead of what subscribers can see.
-                self.visible(change.revision).await;
-                (change, false)
-            }
+            Outcome::Committed(change) => (change, true),
+            // Durable already; a concurrent publish of the same version may not be visible
+            // yet, and the answer must not run ahead of what subscribers can see.
+            Outcome::Unchanged(change) => (change, false),
             Outcome::Conflict { existing } => {
                 return Err(PublishError::Conflict {
                     worker: worker.clone(),
@@ -423,9 +421,24 @@ impl Core {
             }
             Outcome::NotFound => return Err(PublishError::NotFound(worker.clone())),
         };
+        let epoch = match self.visible(&change, before).await {
+            Some(epoch) => epoch,
+            // Durable, only slow to show: answered as before, in the epoch it was made in.
+            None if self.epoch() == *before => before.clone(),
+            // The store lost its history between the commit and this core reading it, so the
+            // re-seed cannot have held it: not acknowledged, and a retry applies it again.
+            None => {
+                return Err(StoreError::HistoryLost(format!(
+                    "the store lost its history while revision {} of {} was being applied; \
+                     retry",
+                    change.revision, change.worker
+                ))
+                .into());
+            }
+        };
         Ok(Published {
             revision: change.revision,
-            epoch: self.epoch(),
+            epoch,
             worker: change.worker,
             version: change.version,
             checksum: change.checksum,
@@ -434,15 +447,37 @@ impl Core {
         })
     }
 
-    /// Waits (briefly) until the follower has made `revision` visible.
-    async fn visible(&self, revision: Revision) {
+    /// Waits (briefly) until the follower has made `change` visible; the epoch it is
+    /// visible in, or `None` after 5 s.
+    async fn visible(&self, change: &Change, before: &Epoch) -> Option<Epoch> {
         let mut head = self.hub.watch_head();
-        let wait = head.wait_for(|head| *head >= revision);
-        if tokio::time::timeout(Duration::from_secs(5), wait)
-            .await
-            .is_err()
-        {
-            tracing::warn!(revision, "change durable but not yet visible after 5 s");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            head.borrow_and_update();
+            {
+                let state = self.hub.read();
+                let held = state
+                    .change_at(&change.worker, change.revision)
+                    .is_some_and(|c| {
+                        c.kind == change.kind
+                            && c.version == change.version
+                            && c.checksum == change.checksum
+                    });
+                // Past it in the history it was made in, and out of the retained log already.
+                let trimmed = state.epoch() == before
+                    && state.head() >= change.revision
+                    && change.revision < state.first_retained();
+                if held || trimmed {
+                    return Some(state.epoch().clone());
+                }
+            }
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return None },
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(revision = change.revision, "change durable but not yet visible after 5 s");
+                    return None;
+                }
+            }
         }
     }
 
