@@ -64,6 +64,7 @@
 //! per consumer and written in the background, so acks keep being answered while Redis is
 //! away; see [`registry`].
 
+mod link;
 mod registry;
 
 use std::{
@@ -79,14 +80,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::{
-    Client, RedisError, RedisResult, Script,
+    RedisError, RedisResult, Script,
     aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
 };
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use self::registry::Registry;
+use self::{link::Link, registry::Registry};
 use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Reseeded, Store, StoreError,
     Tail,
@@ -127,7 +128,7 @@ impl Default for RedisConfig {
 
 /// A [`Store`] in Redis, shared by every core that uses the same URL and prefix.
 pub struct RedisStore {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     keys: Keys,
     scripts: Scripts,
     retain: usize,
@@ -191,9 +192,6 @@ impl RedisStore {
         let invalid = |what: String| {
             StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
         };
-        // The URL may hold a password: name the problem, never the URL.
-        let client =
-            Client::open(config.url.as_str()).map_err(|e| invalid(format!("redis url: {e}")))?;
         if config.key_prefix.is_empty() {
             return Err(invalid("redis key prefix is empty".to_owned()));
         }
@@ -206,14 +204,14 @@ impl RedisStore {
             // timeout anyway, and a failed reconnect is retried by the next operation.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| invalid(format!("redis connection: {e}")))?;
+        // The URL may hold a password: the error names the problem, never the URL.
+        let link = Arc::new(Link::open(&config.url, manager_config).map_err(invalid)?);
 
         let keys = Keys::new(&config.key_prefix);
         let head = watch::Sender::new(0);
         let cancel = CancellationToken::new();
         runtime.spawn(follow_hints(
-            client,
+            link.clone(),
             keys.hint.clone(),
             head.clone(),
             config.connect_timeout,
@@ -221,13 +219,13 @@ impl RedisStore {
             cancel.clone(),
         ));
         let registry = Arc::new(Registry::new(
-            connection.clone(),
+            link.clone(),
             keys.consumers.clone(),
             config.response_timeout,
         ));
         runtime.spawn(registry::keep_writing(registry.clone(), cancel.clone()));
         Ok(Self {
-            connection,
+            link,
             keys,
             scripts: Scripts {
                 load: Script::new(&format!("{PREAMBLE}{LOAD}")),
@@ -292,10 +290,22 @@ impl RedisStore {
         Fut: Future<Output = RedisResult<T>>,
     {
         let attempts = async {
-            let first = op(self.connection.clone()).await;
+            let (generation, connection) = self.link.manager().await?;
+            let first = op(connection).await;
             match first {
-                Err(e) if e.is_connection_refusal() || (idempotent && e.is_io_error()) => {
-                    op(self.connection.clone()).await
+                // A read-only answer came from a replica (a failover): nothing was written.
+                Err(e)
+                    if e.is_connection_refusal()
+                        || (idempotent && e.is_io_error())
+                        || e.code() == Some("READONLY") =>
+                {
+                    self.link.failed(generation, &e).await;
+                    let (_, connection) = self.link.manager().await?;
+                    op(connection).await
+                }
+                Err(e) => {
+                    self.link.failed(generation, &e).await;
+                    Err(e)
                 }
                 other => other,
             }
@@ -722,7 +732,7 @@ impl Store for RedisStore {
 /// with jittered exponential backoff. Logs when the subscription is lost and when it is back,
 /// not on every retry. Ends when `cancel` fires (the store was dropped).
 async fn follow_hints(
-    client: Client,
+    link: Arc<Link>,
     channel: String,
     head: watch::Sender<Revision>,
     connect_timeout: Duration,
@@ -735,6 +745,10 @@ async fn follow_hints(
     let mut down = false;
     loop {
         let subscribe = async {
+            let client = tokio::time::timeout(connect_timeout, link.client())
+                .await
+                .map_err(|_| format!("no master named within {connect_timeout:?}"))?
+                .map_err(|e| e.to_string())?;
             let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
                 .await
                 .map_err(|_| format!("no connection within {connect_timeout:?}"))?
@@ -765,6 +779,8 @@ async fn follow_hints(
             }
             Err(error) => error,
         };
+        // With Sentinels, the master may have moved.
+        link.renew().await;
         if !down {
             tracing::warn!(%channel, %error, "redis hint subscription down; retrying with backoff (the core keeps polling)");
             down = true;
@@ -966,6 +982,7 @@ mod tests {
         core::types::ConsumerId,
         store::conformance::{self, put},
     };
+    use redis::Client;
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -1685,5 +1702,102 @@ mod tests {
             // Retrying while the replica resynchronises, bounded by the deadline.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A Redis Sentinel on `port` watching `primary_port` as `wpmaster`, failing over after
+    /// 500 ms; answers PING when this returns.
+    async fn start_sentinel(
+        port: u16,
+        primary_port: u16,
+        dir: &std::path::Path,
+    ) -> tokio::process::Child {
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor wpmaster 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds wpmaster 500\n\
+                 sentinel failover-timeout wpmaster 2000\n"
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let url = format!("redis://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let client = Client::open(url.as_str()).unwrap();
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return child;
+            }
+            assert!(Instant::now() < deadline, "redis sentinel did not come up");
+            // Polling while the sentinel starts, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sentinel_url_follows_a_failover_without_a_restart() {
+        let (primary_port, replica_port, sentinel_port) = (free_port(), free_port(), free_port());
+        let sentinel_url = format!("redis://127.0.0.1:{sentinel_port}");
+        let mut primary = start_redis(primary_port).await;
+        let primary_port_text = primary_port.to_string();
+        let _replica = start_redis_with(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port_text],
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let _sentinel = start_sentinel(sentinel_port, primary_port, dir.path()).await;
+        // The sentinel must know the replica (it learns it from the primary) to fail over.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let replicas = command(&sentinel_url, &["SENTINEL", "REPLICAS", "wpmaster"]).await;
+            if matches!(&replicas, redis::Value::Array(r) if !r.is_empty()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel never saw the replica"
+            );
+            // Polling the sentinel's view, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let prefix = fresh_prefix();
+        let mut config = config(
+            &format!("redis+sentinel://127.0.0.1:{sentinel_port}/wpmaster"),
+            &prefix,
+        );
+        config.response_timeout = Duration::from_millis(800);
+        let store = RedisStore::connect(config).unwrap();
+        let epoch = store.load().await.unwrap().epoch;
+        assert_eq!(committed(&store, "a", "1").await, 1);
+
+        primary.kill().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let revision = loop {
+            match store.apply(put("a", "2", b"2"), 1).await {
+                Ok(Outcome::Committed(change)) => break change.revision,
+                other => assert!(Instant::now() < deadline, "never failed over: {other:?}"),
+            }
+            // Retrying while the sentinel fails over, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(revision, 2, "the same history, on the promoted replica");
+        assert_eq!(store.head().await.unwrap(), (epoch, 2));
+        let promoted = format!("redis://127.0.0.1:{replica_port}");
+        let role = command(&promoted, &["ROLE"]).await;
+        assert!(format!("{role:?}").contains("master"), "{role:?}");
     }
 }
