@@ -59,6 +59,13 @@
 //! A timed-out `apply` is ambiguous (the script may have run): it answers
 //! [`StoreError::Unavailable`], and a retried put then answers `Unchanged` with the revision it got.
 //!
+//! # Failover
+//! With a Sentinel URL, connections go to the master the Sentinels name, asked again when a
+//! connection breaks or a server answers `READONLY` (see [`link`]). With `min_replicas`, no
+//! change is acknowledged before that many replicas hold it, so a promoted replica has every
+//! acknowledged change; one that lacks unacknowledged ones is a shorter history and is
+//! re-seeded like any other loss.
+//!
 //! # The consumer registry
 //! Saves from every core are merged inside Redis (highest ack, newest registration), coalesced
 //! per consumer and written in the background, so acks keep being answered while Redis is
@@ -97,7 +104,9 @@ use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
 /// How to reach Redis and where to keep the state in it.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`), or
+    /// `redis+sentinel://[password@]host:port[,host:port…]/<service>[/<db>]` to follow the
+    /// master a set of Sentinels names.
     pub url: String,
     /// Every key starts with `{key_prefix}:`; cores sharing one history share the prefix.
     pub key_prefix: String,
