@@ -244,6 +244,25 @@ pub struct RedisProcess {
 impl RedisProcess {
     /// Starts `bin` (`redis-server`) on a free port with its files under `dir`.
     pub async fn start(bin: &Path, dir: &Path) -> Result<Self, FaultError> {
+        Self::start_following(bin, dir, None).await
+    }
+
+    /// [`Self::start`], as a replica of `primary` (once it has synced with it).
+    pub async fn start_replica(
+        bin: &Path,
+        dir: &Path,
+        primary: &RedisProcess,
+    ) -> Result<Self, FaultError> {
+        let redis = Self::start_following(bin, dir, Some(primary.port)).await?;
+        redis.wait_in_sync().await?;
+        Ok(redis)
+    }
+
+    async fn start_following(
+        bin: &Path,
+        dir: &Path,
+        replica_of: Option<u16>,
+    ) -> Result<Self, FaultError> {
         // Free now; the tiny window until Redis binds it is acceptable for a test harness.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -255,32 +274,9 @@ impl RedisProcess {
             port,
             child: None,
             starts: 0,
-            replica_of: None,
+            replica_of,
         };
         redis.restart().await?;
-        Ok(redis)
-    }
-
-    /// [`Self::start`], as a replica of `primary` (once it has synced with it).
-    pub async fn start_replica(
-        bin: &Path,
-        dir: &Path,
-        primary: &RedisProcess,
-    ) -> Result<Self, FaultError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        std::fs::create_dir_all(dir)?;
-        let mut redis = Self {
-            bin: bin.to_owned(),
-            dir: dir.to_owned(),
-            port,
-            child: None,
-            starts: 0,
-            replica_of: Some(primary.port),
-        };
-        redis.restart().await?;
-        redis.wait_in_sync().await?;
         Ok(redis)
     }
 

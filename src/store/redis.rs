@@ -237,11 +237,11 @@ impl RedisStore {
             link,
             keys,
             scripts: Scripts {
-                load: Script::new(&format!("{PREAMBLE}{LOAD}")),
-                changes: Script::new(&format!("{PREAMBLE}{CHANGES}")),
-                apply: Script::new(&format!("{PREAMBLE}{APPLY}")),
-                head: Script::new(&format!("{PREAMBLE}{HEAD}")),
-                reseed: Script::new(RESEED),
+                load: Script::new(&format!("{STATE}{PREAMBLE}{LOAD}")),
+                changes: Script::new(&format!("{STATE}{PREAMBLE}{CHANGES}")),
+                apply: Script::new(&format!("{STATE}{PREAMBLE}{APPLY}")),
+                head: Script::new(&format!("{STATE}{PREAMBLE}{HEAD}")),
+                reseed: Script::new(&format!("{STATE}{RESEED}")),
             },
             retain: config.retain.max(1),
             response_timeout: config.response_timeout,
@@ -260,17 +260,20 @@ impl RedisStore {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The `fresh, known epoch, known head` arguments every script starts with.
-    fn fence(&self) -> (String, String, Revision) {
+    /// `script` on the state keys with the `fresh epoch, known epoch, known head` arguments
+    /// every script starts with; the caller adds its own.
+    fn invocation<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
         let (known_epoch, known_head) = self
             .seen()
             .as_ref()
             .map_or((String::new(), 0), |(e, h)| (e.as_str().to_owned(), *h));
-        (
-            Epoch::generate().as_str().to_owned(),
-            known_epoch,
-            known_head,
-        )
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.keys.state)
+            .arg(Epoch::generate().as_str())
+            .arg(known_epoch)
+            .arg(known_head);
+        invocation
     }
 
     /// Records what a script reported, and returns the parsed epoch.
@@ -476,15 +479,9 @@ impl Store for RedisStore {
         if !self.durability_checked.swap(true, Ordering::Relaxed) {
             self.check_durability().await;
         }
-        let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, latest, tail): (String, Revision, Vec<Vec<u8>>, Vec<Vec<u8>>) = self
             .run("load", true, |mut connection| {
-                let mut invocation = self.scripts.load.prepare_invoke();
-                invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head);
+                let invocation = self.invocation(&self.scripts.load);
                 async move { invocation.invoke_async(&mut connection).await }
             })
             .await?;
@@ -546,7 +543,6 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let (op, worker, version, checksum, size) = match &proposal {
             Proposal::Put {
                 worker,
@@ -560,12 +556,8 @@ impl Store for RedisStore {
             // Not idempotent: a put that ran but whose answer was lost would come back
             // `Unchanged`, a delete `NotFound`.
             .run("apply", false, |mut connection| {
-                let mut invocation = self.scripts.apply.prepare_invoke();
+                let mut invocation = self.invocation(&self.scripts.apply);
                 invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head)
                     .arg(op)
                     .arg(worker.as_str())
                     .arg(version)
@@ -605,15 +597,10 @@ impl Store for RedisStore {
     }
 
     async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, status, records): (String, Revision, String, Vec<Vec<u8>>) = self
             .run("changes_after", true, |mut connection| {
-                let mut invocation = self.scripts.changes.prepare_invoke();
+                let mut invocation = self.invocation(&self.scripts.changes);
                 invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head)
                     .arg(after)
                     // At least 1 (Redis reads COUNT 0 as "no limit") and a count Redis
                     // accepts; trimmed to `limit` below, and fewer is always allowed.
@@ -634,15 +621,9 @@ impl Store for RedisStore {
     }
 
     async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head): (String, Revision) = self
             .run("head", true, |mut connection| {
-                let mut invocation = self.scripts.head.prepare_invoke();
-                invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head);
+                let invocation = self.invocation(&self.scripts.head);
                 async move { invocation.invoke_async(&mut connection).await }
             })
             .await?;
@@ -673,7 +654,6 @@ impl Store for RedisStore {
     }
 
     async fn reseed(&self, latest: &[Change], timestamp_ms: i64) -> Result<Reseeded, StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let records: Vec<String> = (1..)
             .zip(latest)
             .map(|(revision, change)| {
@@ -689,12 +669,8 @@ impl Store for RedisStore {
             // Safe to retry: a second run after a lost answer finds the history seeded and
             // answers `notlost` (the caller then just reloads).
             .run("reseed", true, |mut connection| {
-                let mut invocation = self.scripts.reseed.prepare_invoke();
+                let mut invocation = self.invocation(&self.scripts.reseed);
                 invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head)
                     .arg(self.retain)
                     .arg(&self.keys.hint)
                     .arg(&records);
@@ -838,16 +814,22 @@ async fn listen(
     }
 }
 
-/// Shared by every script. KEYS: epoch, head, log, versions, latest. ARGV[1]: a fresh epoch
-/// to use if there is none; ARGV[2], ARGV[3]: the epoch and head this store last saw.
-/// Leaves `epoch` and `head` in locals.
-const PREAMBLE: &str = r"
+/// How every script starts. KEYS: epoch, head, log, versions, latest. ARGV[1]: a fresh epoch
+/// to use if there is none; ARGV[2], ARGV[3]: the epoch and head this store last saw. Leaves
+/// `epoch`, `head` and `lost` (the history the caller followed is gone) in locals.
+const STATE: &str = r"
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
 if not head then
   return redis.error_reply('WPCORRUPT head is not a number')
 end
 local epoch = redis.call('GET', KEYS[1])
-if ARGV[2] ~= '' and ((not epoch) or (epoch == ARGV[2] and head < tonumber(ARGV[3]))) then
+local lost = ARGV[2] ~= '' and ((not epoch) or (epoch == ARGV[2] and head < tonumber(ARGV[3])))
+";
+
+/// Shared by every script but [`RESEED`], after [`STATE`]: refuses a lost history, creates
+/// the epoch on first use.
+const PREAMBLE: &str = r"
+if lost then
   -- The history this caller followed is gone (flushed, restarted empty, failed over to a
   -- replica without the last writes). Change nothing: the caller's core re-seeds it.
   return redis.error_reply('WPLOST epoch ' .. ARGV[2] .. ' at head ' .. ARGV[3] ..
@@ -871,19 +853,13 @@ const HEAD: &str = r"
 return {epoch, head}
 ";
 
-/// [`Store::reseed`], not behind the preamble. KEYS as every script; ARGV[1]: the new epoch;
-/// 2, 3: the epoch and head the caller followed; 4: retain; 5: hint channel; 6..: the change
+/// [`Store::reseed`], after [`STATE`] but not the preamble. ARGV[1]: the new epoch; 2, 3:
+/// the epoch and head the caller followed; 4: retain; 5: hint channel; 6..: the change
 /// records to seed, revisions 1..n. Seeds only while that history is still lost (no epoch, or
 /// the same epoch with a lower head); otherwise answers 'notlost' and changes nothing.
 /// Returns epoch, head, 'seeded' | 'notlost'.
 const RESEED: &str = r"
-local head = tonumber(redis.call('GET', KEYS[2]) or '0')
-if not head then
-  return redis.error_reply('WPCORRUPT head is not a number')
-end
-local epoch = redis.call('GET', KEYS[1])
-local lost = (not epoch) or (ARGV[2] ~= '' and epoch == ARGV[2] and head < tonumber(ARGV[3]))
-if not lost then
+if epoch and not lost then
   return {epoch, head, 'notlost'}
 end
 -- What a stale restore left of the lost history goes; `versions` stays (immutability).
@@ -1254,16 +1230,16 @@ mod tests {
 
     /// [`start_redis`] with more arguments (`--replicaof …`).
     async fn start_redis_with(port: u16, extra: &[&str]) -> tokio::process::Child {
+        let port_text = port.to_string();
+        let mut args = vec!["--port", &port_text, "--save", "", "--appendonly", "no"];
+        args.extend(extra);
+        redis_server(&args, port).await
+    }
+
+    /// `redis-server` with `args` (maybe in Sentinel mode, on `port`), once it answers PING.
+    async fn redis_server(args: &[&str], port: u16) -> tokio::process::Child {
         let child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -1326,15 +1302,7 @@ mod tests {
             a.apply(put("a", "3", b"3"), 1).await,
             Err(StoreError::HistoryLost(_))
         ));
-        let seed = Change {
-            revision: 1,
-            kind: ChangeKind::Put,
-            worker: WorkerName::parse("a").unwrap(),
-            version: Version::parse("1").unwrap(),
-            checksum: Checksum::of(b"1"),
-            size: 1,
-            timestamp_ms: 1,
-        };
+        let seed = held_put("a", "1", 1);
         // Both notice; exactly one seeds.
         let (first, second) = tokio::join!(
             a.reseed(std::slice::from_ref(&seed), 5),
@@ -1609,15 +1577,7 @@ mod tests {
             Err(StoreError::HistoryLost(_))
         ));
         // What the core held: `a` at version 2.
-        let held = [Change {
-            revision: 2,
-            kind: ChangeKind::Put,
-            worker: WorkerName::parse("a").unwrap(),
-            version: Version::parse("2").unwrap(),
-            checksum: Checksum::of(b"2"),
-            size: 1,
-            timestamp_ms: 1,
-        }];
+        let held = [held_put("a", "2", 2)];
         assert_eq!(
             store.reseed(&held, 9).await.unwrap(),
             Reseeded::Seeded {
@@ -1644,32 +1604,58 @@ mod tests {
         command.query_async(&mut connection).await.unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn with_min_replicas_a_change_is_acknowledged_only_once_a_replica_holds_it() {
+    /// The put a core holds for `worker` at `version` (code = the version's bytes).
+    fn held_put(worker: &str, version: &str, revision: Revision) -> Change {
+        Change {
+            revision,
+            kind: ChangeKind::Put,
+            worker: WorkerName::parse(worker).unwrap(),
+            version: Version::parse(version).unwrap(),
+            checksum: Checksum::of(version.as_bytes()),
+            size: version.len() as u64,
+            timestamp_ms: 1,
+        }
+    }
+
+    /// Polls `args` on `url` until `done` holds for the reply (10 s at most).
+    async fn until_reply(url: &str, args: &[&str], done: impl Fn(&redis::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = command(url, args).await;
+            if done(&reply) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{args:?} on {url}: {reply:?}");
+            // Polling a condition Redis announces nowhere, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A primary and its replica (unpersisted, each `(port, process)`), once it is online.
+    async fn primary_and_replica() -> ((u16, tokio::process::Child), (u16, tokio::process::Child)) {
         let (primary_port, replica_port) = (free_port(), free_port());
-        let primary_url = format!("redis://127.0.0.1:{primary_port}");
-        let replica_url = format!("redis://127.0.0.1:{replica_port}");
-        let _primary = start_redis(primary_port).await;
+        let primary = start_redis(primary_port).await;
         let primary_port_text = primary_port.to_string();
-        let mut replica = start_redis_with(
+        let replica = start_redis_with(
             replica_port,
             &["--replicaof", "127.0.0.1", &primary_port_text],
         )
         .await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info = command(&primary_url, &["INFO", "replication"]).await;
-            let info: String = redis::from_redis_value(info).unwrap();
-            if info.contains("connected_slaves:1") && info.contains("state=online") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the replica never came online: {info}"
-            );
-            // Polling the replication link while it comes up, bounded by the deadline.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let primary_url = format!("redis://127.0.0.1:{primary_port}");
+        until_reply(&primary_url, &["INFO", "replication"], |info| {
+            let info: String = redis::from_redis_value(info.clone()).unwrap_or_default();
+            info.contains("connected_slaves:1") && info.contains("state=online")
+        })
+        .await;
+        ((primary_port, primary), (replica_port, replica))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_min_replicas_a_change_is_acknowledged_only_once_a_replica_holds_it() {
+        let ((primary_port, _primary), (replica_port, mut replica)) = primary_and_replica().await;
+        let primary_url = format!("redis://127.0.0.1:{primary_port}");
+        let replica_url = format!("redis://127.0.0.1:{replica_port}");
+        let primary_port_text = primary_port.to_string();
         let prefix = fresh_prefix();
         let mut config = config(&primary_url, &prefix);
         config.min_replicas = 1;
@@ -1730,59 +1716,23 @@ mod tests {
             ),
         )
         .unwrap();
-        let child = tokio::process::Command::new("redis-server")
-            .arg(&config)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let url = format!("redis://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let client = Client::open(url.as_str()).unwrap();
-            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .is_ok()
-            {
-                return child;
-            }
-            assert!(Instant::now() < deadline, "redis sentinel did not come up");
-            // Polling while the sentinel starts, bounded by the deadline.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        redis_server(&[config.to_str().unwrap(), "--sentinel"], port).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sentinel_url_follows_a_failover_without_a_restart() {
-        let (primary_port, replica_port, sentinel_port) = (free_port(), free_port(), free_port());
+        let ((primary_port, mut primary), (replica_port, _replica)) = primary_and_replica().await;
+        let sentinel_port = free_port();
         let sentinel_url = format!("redis://127.0.0.1:{sentinel_port}");
-        let mut primary = start_redis(primary_port).await;
-        let primary_port_text = primary_port.to_string();
-        let _replica = start_redis_with(
-            replica_port,
-            &["--replicaof", "127.0.0.1", &primary_port_text],
-        )
-        .await;
         let dir = tempfile::tempdir().unwrap();
         let _sentinel = start_sentinel(sentinel_port, primary_port, dir.path()).await;
         // The sentinel must know the replica (it learns it from the primary) to fail over.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let replicas = command(&sentinel_url, &["SENTINEL", "REPLICAS", "wpmaster"]).await;
-            if matches!(&replicas, redis::Value::Array(r) if !r.is_empty()) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the sentinel never saw the replica"
-            );
-            // Polling the sentinel's view, bounded by the deadline.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_reply(
+            &sentinel_url,
+            &["SENTINEL", "REPLICAS", "wpmaster"],
+            |replicas| matches!(replicas, redis::Value::Array(r) if !r.is_empty()),
+        )
+        .await;
         let prefix = fresh_prefix();
         let mut config = config(
             &format!("redis+sentinel://127.0.0.1:{sentinel_port}/wpmaster"),
