@@ -1224,22 +1224,38 @@ mod tests {
     }
 
     /// A private, unpersisted `redis-server` on `port`, answering PING when this returns.
-    async fn start_redis(port: u16) -> tokio::process::Child {
+    async fn start_redis(port: u16) -> TestRedis {
         start_redis_with(port, &[]).await
     }
 
+    /// A `redis-server` of a test, with a directory of its own (a replica writes the
+    /// primary's snapshot there); killed when dropped.
+    struct TestRedis {
+        child: tokio::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestRedis {
+        async fn kill(&mut self) -> std::io::Result<()> {
+            self.child.kill().await
+        }
+    }
+
     /// [`start_redis`] with more arguments (`--replicaof …`).
-    async fn start_redis_with(port: u16, extra: &[&str]) -> tokio::process::Child {
+    async fn start_redis_with(port: u16, extra: &[&str]) -> TestRedis {
         let port_text = port.to_string();
         let mut args = vec!["--port", &port_text, "--save", "", "--appendonly", "no"];
         args.extend(extra);
         redis_server(&args, port).await
     }
 
-    /// `redis-server` with `args` (maybe in Sentinel mode, on `port`), once it answers PING.
-    async fn redis_server(args: &[&str], port: u16) -> tokio::process::Child {
+    /// `redis-server` with `args` (maybe in Sentinel mode, on `port`), in a temp dir, once it
+    /// answers PING.
+    async fn redis_server(args: &[&str], port: u16) -> TestRedis {
+        let dir = tempfile::tempdir().unwrap();
         let child = tokio::process::Command::new("redis-server")
             .args(args)
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -1254,7 +1270,7 @@ mod tests {
                     .await
                     .is_ok()
             {
-                return child;
+                return TestRedis { child, _dir: dir };
             }
             assert!(Instant::now() < deadline, "redis-server did not come up");
             // Polling interval while the server starts, bounded by the deadline.
@@ -1632,7 +1648,7 @@ mod tests {
     }
 
     /// A primary and its replica (unpersisted, each `(port, process)`), once it is online.
-    async fn primary_and_replica() -> ((u16, tokio::process::Child), (u16, tokio::process::Child)) {
+    async fn primary_and_replica() -> ((u16, TestRedis), (u16, TestRedis)) {
         let (primary_port, replica_port) = (free_port(), free_port());
         let primary = start_redis(primary_port).await;
         let primary_port_text = primary_port.to_string();
@@ -1701,11 +1717,7 @@ mod tests {
 
     /// A Redis Sentinel on `port` watching `primary_port` as `wpmaster`, failing over after
     /// 500 ms; answers PING when this returns.
-    async fn start_sentinel(
-        port: u16,
-        primary_port: u16,
-        dir: &std::path::Path,
-    ) -> tokio::process::Child {
+    async fn start_sentinel(port: u16, primary_port: u16, dir: &std::path::Path) -> TestRedis {
         let config = dir.join("sentinel.conf");
         std::fs::write(
             &config,
