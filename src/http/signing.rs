@@ -130,9 +130,11 @@ impl SignedHeaders {
         hex::encode(self.signature)
     }
 
-    /// Until when (unix seconds) a replay of this request could pass the timestamp check.
+    /// Until when (unix seconds, exclusive: a key set to expire at this second is gone at its
+    /// start) a replay of this request could pass the timestamp check, which still admits
+    /// `timestamp + MAX_SKEW_SECS` itself.
     pub fn replay_expiry(&self) -> i64 {
-        self.timestamp.saturating_add(MAX_SKEW_SECS)
+        self.timestamp.saturating_add(MAX_SKEW_SECS + 1)
     }
 
     /// Parses the headers and checks the timestamp against `now` (unix seconds). Needs no body,
