@@ -227,6 +227,7 @@ async fn start_core(
             retain: config.retain_changes,
             connect_timeout: args.redis_connect_timeout,
             response_timeout: args.redis_response_timeout,
+            min_replicas: args.redis_min_replicas,
         })?),
         None => Arc::new(FileStore::open(&args.data_dir, config.retain_changes).await?),
     };

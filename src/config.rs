@@ -87,6 +87,11 @@ pub struct CoreArgs {
     /// refused (503) rather than left waiting.
     #[arg(long, env = "REDIS_RESPONSE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub redis_response_timeout: Duration,
+    /// Replicas that must hold each accepted change (Redis `WAIT`) before it is answered
+    /// 2xx, so that a failover to a replica loses no acknowledged change; 0: the primary's
+    /// answer is enough.
+    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
     /// Concurrent gRPC streams (subscriptions and fetches) this core serves.
     #[arg(long, env = "GRPC_MAX_STREAMS", default_value_t = 1000)]
     pub grpc_max_streams: usize,

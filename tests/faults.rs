@@ -61,6 +61,11 @@ async fn redis_killed_and_restarted_mid_run_loses_no_acknowledged_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_then_failed_over_to_its_replica_mid_run_loses_no_acknowledged_change() {
+    run(Scenario::redis_loss()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_that_stop_reading_catch_up_or_reset_and_converge() {
     run(Scenario::slow_consumers()).await;
 }

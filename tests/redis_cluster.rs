@@ -1204,10 +1204,9 @@ async fn pump(
     }
 }
 
-/// Fails today: a consumer that learned revision R from core A and reconnects to core B before
-/// B's follower has read R gets RESET and a full snapshot instead of a replay, because
-/// `HubState::can_resume` refuses any revision past the core's own head. Core B should wait
-/// (briefly) for its follower to reach R when its store's head is at least R.
+/// A consumer that learned revision R from core A and reconnects to core B before B's
+/// follower has read R (here: B's Redis connection is held) gets a replay, not a RESET: B
+/// waits (briefly) for its follower to reach R.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_on_a_core_that_has_not_caught_up_yet_replays_instead_of_resetting() {
     let valve = Valve::start("127.0.0.1:6379").await;
@@ -1245,10 +1244,9 @@ async fn resume_on_a_core_that_has_not_caught_up_yet_replays_instead_of_resettin
     );
 }
 
-/// Fails today: `Core::ack` saves the core's whole cached record, registration included, so an
-/// ack through a core that saw an older registration brings that registration back. The store
-/// merges by "newest save that carries a registration" and cannot tell a cached endpoint from
-/// a fresh one; `Core::ack` should save the ack alone (no endpoint, no labels).
+/// An ack through a core that saw an older registration does not bring that registration back:
+/// `Core::ack` saves the ack alone (no endpoint, no labels), and the store merges by "newest
+/// save that carries a registration".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_through_one_core_does_not_undo_a_newer_registration_through_another() {
     let cluster = Cluster::start(REDIS, 2);
@@ -1276,4 +1274,430 @@ async fn an_ack_through_one_core_does_not_undo_a_newer_registration_through_anot
     })
     .await;
     assert_eq!(record.endpoint, "new.example:443");
+}
+
+// ---------------------------------------------------------------------------------------------
+// SYNCED is never stale, a lost store never empties the edge, a hook request applies once.
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `request`'s stream on `session` up to and including its first SYNCED.
+async fn until_first_synced(session: &dyn Session, request: SubscribeRequest) -> Vec<WorkerUpdate> {
+    let mut stream = session.subscribe(request).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let update = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("no SYNCED within 10 s")
+            .expect("stream ended before SYNCED")
+            .unwrap();
+        let synced = kind(&update) == UpdateKind::Synced;
+        seen.push(update);
+        if synced {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_on_another_core_covers_every_change_acknowledged_before_the_subscription() {
+    let cluster = Cluster::start(REDIS, 2);
+    let hook = Hook::new();
+    let on_b = cluster.session(1).await;
+    let (status, body) = hook
+        .put(cluster.http(0), "start", "1", b"start")
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let epoch = body["epoch"].as_str().unwrap().to_owned();
+    let mut learned = body["revision"].as_u64().unwrap();
+    for round in 0..30 {
+        let worker = format!("w{round}");
+        let revision = hook.committed(cluster.http(0), &worker, "1").await;
+        // At once, on core B: fresh, and resuming from the revision learned before.
+        let (fresh, resumed) = tokio::join!(
+            until_first_synced(&*on_b, subscribe("", 0)),
+            until_first_synced(&*on_b, subscribe(&epoch, learned)),
+        );
+        for (how, updates) in [("fresh", &fresh), ("resumed", &resumed)] {
+            let synced = updates.last().unwrap();
+            assert!(
+                synced.revision >= revision,
+                "round {round}, {how}: SYNCED at {} before the acknowledged {revision}",
+                synced.revision
+            );
+            assert!(
+                updates.iter().any(|u| kind(u) == UpdateKind::Put
+                    && u.worker_name == worker
+                    && u.revision == revision),
+                "round {round}, {how}: {worker}@{revision} missing before SYNCED: {:?}",
+                updates
+                    .iter()
+                    .map(|u| (kind(u), u.worker_name.clone(), u.revision))
+                    .collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(
+            kind(&resumed[0]),
+            UpdateKind::Put,
+            "round {round}: a replay, not a RESET"
+        );
+        learned = revision;
+    }
+}
+
+/// One signed hook request, kept to be sent again as it is (a replay).
+struct SignedRequest {
+    timestamp: i64,
+    signature: String,
+    boundary: String,
+    body: Vec<u8>,
+}
+
+impl SignedRequest {
+    fn new(metadata: serde_json::Value, code: Option<&[u8]>) -> Self {
+        let metadata = metadata.to_string();
+        let mut fields = vec![("metadata", None, metadata.as_bytes())];
+        if let Some(code) = code {
+            fields.push(("worker_code", Some("worker.js"), code));
+        }
+        let (boundary, body) = common::multipart(&fields);
+        let timestamp = workerpush::core::now_ms() / 1000;
+        let signature = workerpush::http::signing::sign(HOOK_SECRET.as_bytes(), timestamp, &body);
+        Self {
+            timestamp,
+            signature,
+            boundary,
+            body,
+        }
+    }
+
+    fn put(worker: &str, version: &str, code: &[u8]) -> Self {
+        Self::new(
+            serde_json::json!({"worker_name": worker, "version": version}),
+            Some(code),
+        )
+    }
+
+    fn delete(worker: &str) -> Self {
+        Self::new(
+            serde_json::json!({"worker_name": worker, "action": "delete"}),
+            None,
+        )
+    }
+
+    async fn send(&self, http: SocketAddr) -> (u16, serde_json::Value) {
+        let response = common::http_client()
+            .post(format!("http://{http}/internal/broadcast"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={}", self.boundary),
+            )
+            .header("x-workerpush-timestamp", self.timestamp.to_string())
+            .header("x-workerpush-signature", &self.signature)
+            .body(self.body.clone())
+            .send()
+            .await
+            .unwrap();
+        status_and_json(response).await
+    }
+}
+
+/// Sends the request that removed `once` and the one that put its version 1 again, to `http`:
+/// both refused as replays, and `once` stays at version 2, revision `v2`.
+async fn replays_are_refused(
+    http: SocketAddr,
+    requests: [&SignedRequest; 2],
+    v2: u64,
+    hook_secret: &str,
+) {
+    for request in requests {
+        let (status, body) = request.send(http).await;
+        assert_eq!(status, 401, "a replay to {http} was accepted: {body}");
+        assert!(body["error"].as_str().unwrap().contains("replay"), "{body}");
+    }
+    let (status, body) = common::hook_put(http, hook_secret, "once", "2", b"once v2").await;
+    assert_eq!(
+        (status, body["created"].as_bool(), body["revision"].as_u64()),
+        (200, Some(false), Some(v2)),
+        "nothing applied: version 2 is still the latest, unchanged: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_hook_request_is_applied_once_across_cores_and_restarts() {
+    let mut cluster = Cluster::start(REDIS, 2);
+    let put_v1 = SignedRequest::put("once", "1", b"once v1");
+    let delete = SignedRequest::delete("once");
+    assert_eq!(put_v1.send(cluster.http(0)).await.0, 201);
+    assert_eq!(delete.send(cluster.http(0)).await.0, 200);
+    let (status, body) =
+        common::hook_put(cluster.http(0), HOOK_SECRET, "once", "2", b"once v2").await;
+    assert_eq!(status, 201, "{body}");
+    let v2 = body["revision"].as_u64().unwrap();
+
+    // Replayed to the other core: a replayed delete would remove version 2, a replayed put
+    // would bring version 1 back.
+    replays_are_refused(cluster.http(1), [&delete, &put_v1], v2, HOOK_SECRET).await;
+    // And to the same core after a restart (its in-memory guard is gone).
+    cluster.cores[0].kill9();
+    let dir = cluster._dirs[1].path().to_path_buf();
+    cluster.cores[0] = start_core(&dir, REDIS, &cluster.prefix.name);
+    replays_are_refused(cluster.http(0), [&delete, &put_v1], v2, HOOK_SECRET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_hook_request_is_applied_once_by_the_embedded_store_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::serve_dev(dir.path(), &[]);
+    let (secret, _) = server.secrets();
+    let sign = |request: SignedRequest| {
+        let signature =
+            workerpush::http::signing::sign(secret.as_bytes(), request.timestamp, &request.body);
+        SignedRequest {
+            signature,
+            ..request
+        }
+    };
+    let put_v1 = sign(SignedRequest::put("once", "1", b"once v1"));
+    let delete = sign(SignedRequest::delete("once"));
+    assert_eq!(put_v1.send(server.addr("http")).await.0, 201);
+    assert_eq!(delete.send(server.addr("http")).await.0, 200);
+    let (status, body) =
+        common::hook_put(server.addr("http"), &secret, "once", "2", b"once v2").await;
+    assert_eq!(status, 201, "{body}");
+    let v2 = body["revision"].as_u64().unwrap();
+    server.kill9();
+    let server = server.restart_same_ports();
+    replays_are_refused(server.addr("http"), [&delete, &put_v1], v2, &secret).await;
+}
+
+impl PrivateRedis {
+    /// Stops it and throws its data away: the next `restart` comes back empty.
+    fn wipe(&mut self) {
+        self.kill();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(path).unwrap();
+            } else {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+}
+
+/// A real `workerpush watch` keeping every worker under `out`.
+struct Watch {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Watch {
+    fn start(certs: &Path, grpc: SocketAddr, out: PathBuf) -> Self {
+        let child = std::process::Command::new(BIN)
+            .args(["watch", "--transport", "grpc", "--addr"])
+            .arg(format!("localhost:{}", grpc.port()))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("clients/consumer-1.pem"))
+            .arg("--key")
+            .arg(certs.join("clients/consumer-1-key.pem"))
+            .arg("--out")
+            .arg(&out)
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, out }
+    }
+
+    /// Worker → the inode of its file: a rewrite (temp file + rename) changes it.
+    fn inodes(&self) -> BTreeMap<String, u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.held()
+            .into_iter()
+            .filter_map(|(worker, (version, _))| {
+                let path = self.out.join(&worker).join(version).join("worker.js");
+                std::fs::metadata(path).ok().map(|m| (worker, m.ino()))
+            })
+            .collect()
+    }
+
+    /// Worker → (version, SHA-256 of its file), as on disk now.
+    fn held(&self) -> BTreeMap<String, (String, String)> {
+        let mut held = BTreeMap::new();
+        let Ok(workers) = std::fs::read_dir(&self.out) else {
+            return held;
+        };
+        for worker in workers.flatten().filter(|e| e.path().is_dir()) {
+            for version in std::fs::read_dir(worker.path()).unwrap().flatten() {
+                if let Ok(code) = std::fs::read(version.path().join("worker.js")) {
+                    held.insert(
+                        worker.file_name().to_string_lossy().into_owned(),
+                        (
+                            version.file_name().to_string_lossy().into_owned(),
+                            common::sha256(&code),
+                        ),
+                    );
+                }
+            }
+        }
+        held
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the cores' `/metrics` say of re-seeds, summed.
+async fn reseeds(cluster: &Cluster) -> u64 {
+    let mut total = 0;
+    for core in 0..cluster.cores.len() {
+        let text = common::metrics_text(cluster.http(core)).await;
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("workerpush_store_reseeds_total "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+    }
+    total
+}
+
+/// Worker names `/v1/workers` on `core` lists.
+async fn listed(cluster: &Cluster, core: usize) -> BTreeSet<String> {
+    let (status, body) =
+        common::admin_get(cluster.http(core), Some(UPLOAD_TOKEN), "/v1/workers").await;
+    if status != 200 {
+        return BTreeSet::new();
+    }
+    let workers = body["workers"]
+        .as_array()
+        .or(body.as_array())
+        .cloned()
+        .unwrap_or_default();
+    workers
+        .iter()
+        .filter_map(|w| w["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A put through `core`, retried (newly signed) while the cores find their way back to Redis.
+async fn put_until_accepted(hook: &Hook, http: SocketAddr, worker: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = hook
+            .put(http, worker, "1", code(worker, "1").as_bytes())
+            .await;
+        match answer {
+            Ok((status, _)) if status == 200 || status == 201 => return status,
+            other => assert!(
+                Instant::now() < deadline,
+                "{worker} never accepted: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_is_reseeded_once_and_the_edge_keeps_every_worker() {
+    let mut redis = PrivateRedis::start().await;
+    let cluster = Cluster::start(&redis.url(), 2);
+    let hook = Hook::new();
+    let out = cluster._dirs[0].path().join("edge");
+    let watch = Watch::start(&cluster.certs, cluster.grpc(1), out);
+    let mut expected = BTreeMap::new();
+    for i in 1..=5 {
+        let worker = format!("w{i}");
+        hook.committed(cluster.http(0), &worker, "1").await;
+        expected.insert(
+            worker.clone(),
+            (
+                "1".to_owned(),
+                common::sha256(code(&worker, "1").as_bytes()),
+            ),
+        );
+    }
+    until(
+        Duration::from_secs(20),
+        "the watch holding 5 workers",
+        || watch.held() == expected,
+    )
+    .await;
+
+    let files = watch.inodes();
+    // The same data loss twice: FLUSHALL, then a restart without the data.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    for (loss, worker) in [(1, "w6"), (2, "w7")] {
+        if loss == 2 {
+            redis.wipe();
+            redis.restart().await;
+        }
+        assert_eq!(
+            put_until_accepted(&hook, cluster.http(0), worker).await,
+            201
+        );
+        expected.insert(
+            worker.to_owned(),
+            ("1".to_owned(), common::sha256(code(worker, "1").as_bytes())),
+        );
+        let names: BTreeSet<String> = expected.keys().cloned().collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let held = watch.held();
+            // Never less than before: nothing the edge held is deleted on the way.
+            assert!(
+                expected
+                    .iter()
+                    .filter(|(w, _)| w.as_str() != worker)
+                    .all(|(w, v)| held.get(w) == Some(v)),
+                "loss {loss}: the watch lost code: {held:?}"
+            );
+            if held == expected
+                && listed(&cluster, 0).await == names
+                && listed(&cluster, 1).await == names
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "loss {loss}: held {held:?}, listed {:?} / {:?}",
+                listed(&cluster, 0).await,
+                listed(&cluster, 1).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let inodes = watch.inodes();
+        assert!(
+            files.iter().all(|(w, inode)| inodes.get(w) == Some(inode)),
+            "loss {loss}: the watch rewrote code it held: {files:?} then {inodes:?}"
+        );
+        assert_eq!(
+            reseeds(&cluster).await,
+            loss,
+            "one re-seed per loss, by one core"
+        );
+        let (head, state) = store_state(&cluster.prefix.store()).await;
+        assert_eq!(
+            state.len(),
+            names.len(),
+            "redis holds every worker again: {state:?}"
+        );
+        assert_eq!(
+            head,
+            names.len() as u64,
+            "a new epoch: the seed, then the upload"
+        );
+    }
 }

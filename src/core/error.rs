@@ -97,14 +97,16 @@ impl Coded for ConsumerIdError {
 impl Coded for StoreError {
     fn code(&self) -> ErrorCode {
         match self {
-            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Unavailable(_) | StoreError::HistoryLost(_) => ErrorCode::Unavailable,
             StoreError::Corrupt(_) | StoreError::Io(_) => ErrorCode::Internal,
         }
     }
 
     fn client_message(&self) -> String {
         match self {
-            StoreError::Unavailable(_) => "store unavailable, try again".to_owned(),
+            StoreError::Unavailable(_) | StoreError::HistoryLost(_) => {
+                "store unavailable, try again".to_owned()
+            }
             _ => "internal error".to_owned(),
         }
     }

@@ -209,9 +209,15 @@ pub struct Core {
     registry: Mutex<Registry>,
     store_healthy: AtomicBool,
     follower: Mutex<Option<JoinHandle<()>>>,
-    /// Wakes the follower to read the store now (a client is ahead of this core).
-    poke: tokio::sync::Notify,
+    /// Wakes the follower to read the store now (a client or the store is ahead of this core).
+    poke: Arc<tokio::sync::Notify>,
+    /// One re-seed at a time (the follower and publishes may notice a loss together).
+    reseeding: tokio::sync::Mutex<()>,
 }
+
+/// How long a core that holds no workers waits before starting a lost store's new epoch
+/// itself, so that a core holding workers re-seeds it first.
+const EMPTY_RESEED_DELAY: Duration = Duration::from_secs(2);
 
 impl Core {
     /// Loads the durable state and starts following the store.
@@ -244,7 +250,8 @@ impl Core {
             registry: Mutex::new(registry),
             store_healthy: AtomicBool::new(true),
             follower: Mutex::new(None),
-            poke: tokio::sync::Notify::new(),
+            poke: Arc::new(tokio::sync::Notify::new()),
+            reseeding: tokio::sync::Mutex::new(()),
         });
         core.install(
             recovered.epoch,
@@ -328,10 +335,9 @@ impl Core {
                 actual: checksum,
             });
         }
-        self.store.put_bundle(&checksum, code.clone()).await?;
         let inline = size <= self.config.inline_max_bytes;
         if inline {
-            lock(&self.fresh_code).insert(checksum.clone(), code);
+            lock(&self.fresh_code).insert(checksum.clone(), code.clone());
         }
         let proposal = Proposal::Put {
             worker: worker.clone(),
@@ -339,8 +345,18 @@ impl Core {
             checksum: checksum.clone(),
             size,
         };
-        let outcome = self.store.apply(proposal, now_ms()).await;
-        let result = self.answer(outcome, &worker, Some(&version)).await;
+        let before = self.epoch();
+        let mut outcome = self.put_and_apply(&checksum, &code, proposal.clone()).await;
+        if let Err(StoreError::HistoryLost(why)) = &outcome {
+            // The store lost its history under us: bring back what this core holds, then
+            // this change on top (its bundle may have gone with the rest).
+            let why = why.clone();
+            outcome = match self.reseed(&why).await {
+                Ok(()) => self.put_and_apply(&checksum, &code, proposal).await,
+                Err(error) => Err(error),
+            };
+        }
+        let result = self.answer(&before, outcome, &worker, Some(&version)).await;
         if inline {
             lock(&self.fresh_code).remove(&checksum);
         }
@@ -352,42 +368,51 @@ impl Core {
         })
     }
 
+    async fn put_and_apply(
+        &self,
+        checksum: &Checksum,
+        code: &Bytes,
+        proposal: Proposal,
+    ) -> Result<Outcome, StoreError> {
+        self.store.put_bundle(checksum, code.clone()).await?;
+        self.store.apply(proposal, now_ms()).await
+    }
+
     /// Deletes `worker`: its latest version goes, and consumers remove it.
     pub async fn delete(&self, worker: WorkerName) -> Result<Published, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
-        let outcome = self
-            .store
-            .apply(
-                Proposal::Delete {
-                    worker: worker.clone(),
-                },
-                now_ms(),
-            )
-            .await;
-        let published = self.answer(outcome, &worker, None).await?;
+        let proposal = Proposal::Delete {
+            worker: worker.clone(),
+        };
+        let before = self.epoch();
+        let mut outcome = self.store.apply(proposal.clone(), now_ms()).await;
+        if let Err(StoreError::HistoryLost(why)) = &outcome {
+            let why = why.clone();
+            outcome = match self.reseed(&why).await {
+                Ok(()) => self.store.apply(proposal, now_ms()).await,
+                Err(error) => Err(error),
+            };
+        }
+        let published = self.answer(&before, outcome, &worker, None).await?;
         metrics::counter!("workerpush_changes_published_total", "kind" => "delete").increment(1);
         Ok(published)
     }
 
+    /// `before`: this core's epoch when the change was proposed.
     async fn answer(
         &self,
+        before: &Epoch,
         outcome: Result<Outcome, StoreError>,
         worker: &WorkerName,
         version: Option<&Version>,
     ) -> Result<Published, PublishError> {
         let (change, created) = match outcome? {
-            Outcome::Committed(change) => {
-                self.visible(change.revision).await;
-                (change, true)
-            }
-            Outcome::Unchanged(change) => {
-                // Durable already; a concurrent publish of the same version may not be visible
-                // yet, and the answer must not run ahead of what subscribers can see.
-                self.visible(change.revision).await;
-                (change, false)
-            }
+            Outcome::Committed(change) => (change, true),
+            // Durable already; a concurrent publish of the same version may not be visible
+            // yet, and the answer must not run ahead of what subscribers can see.
+            Outcome::Unchanged(change) => (change, false),
             Outcome::Conflict { existing } => {
                 return Err(PublishError::Conflict {
                     worker: worker.clone(),
@@ -399,9 +424,24 @@ impl Core {
             }
             Outcome::NotFound => return Err(PublishError::NotFound(worker.clone())),
         };
+        let epoch = match self.visible(&change, before).await {
+            Some(epoch) => epoch,
+            // Durable, only slow to show: answered as before, in the epoch it was made in.
+            None if self.epoch() == *before => before.clone(),
+            // The store lost its history between the commit and this core reading it, so the
+            // re-seed cannot have held it: not acknowledged, and a retry applies it again.
+            None => {
+                return Err(StoreError::HistoryLost(format!(
+                    "the store lost its history while revision {} of {} was being applied; \
+                     retry",
+                    change.revision, change.worker
+                ))
+                .into());
+            }
+        };
         Ok(Published {
             revision: change.revision,
-            epoch: self.epoch(),
+            epoch,
             worker: change.worker,
             version: change.version,
             checksum: change.checksum,
@@ -410,15 +450,37 @@ impl Core {
         })
     }
 
-    /// Waits (briefly) until the follower has made `revision` visible.
-    async fn visible(&self, revision: Revision) {
+    /// Waits (briefly) until the follower has made `change` visible; the epoch it is
+    /// visible in, or `None` after 5 s.
+    async fn visible(&self, change: &Change, before: &Epoch) -> Option<Epoch> {
         let mut head = self.hub.watch_head();
-        let wait = head.wait_for(|head| *head >= revision);
-        if tokio::time::timeout(Duration::from_secs(5), wait)
-            .await
-            .is_err()
-        {
-            tracing::warn!(revision, "change durable but not yet visible after 5 s");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            head.borrow_and_update();
+            {
+                let state = self.hub.read();
+                let held = state
+                    .change_at(&change.worker, change.revision)
+                    .is_some_and(|c| {
+                        c.kind == change.kind
+                            && c.version == change.version
+                            && c.checksum == change.checksum
+                    });
+                // Past it in the history it was made in, and out of the retained log already.
+                let trimmed = state.epoch() == before
+                    && state.head() >= change.revision
+                    && change.revision < state.first_retained();
+                if held || trimmed {
+                    return Some(state.epoch().clone());
+                }
+            }
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return None },
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(revision = change.revision, "change durable but not yet visible after 5 s");
+                    return None;
+                }
+            }
         }
     }
 
@@ -450,7 +512,8 @@ impl Core {
             params.resume,
             self.config.progress_interval,
             info,
-            &self.poke,
+            self.store.clone(),
+            self.poke.clone(),
             Box::new(move |id| {
                 tracker.unsubscribed(id);
                 metrics::gauge!("workerpush_subscribers", "transport" => transport).decrement(1.0);
@@ -750,13 +813,88 @@ impl Core {
         }
     }
 
+    /// Claims a signed hook request for the whole fleet until `expires_unix_s` (see
+    /// [`Store::claim_request`]): `false` means it was seen before, by any core.
+    pub async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        self.store.claim_request(key, expires_unix_s).await
+    }
+
+    /// The store lost the history this core followed (`why`): seeds a new epoch with every
+    /// live worker this core holds, their bundles first. Of several cores noticing together,
+    /// the store lets one seed; the others (and this one, next) reload the new epoch, whose
+    /// snapshot then equals what consumers hold.
+    async fn reseed(&self, why: &str) -> Result<(), StoreError> {
+        let _one = self.reseeding.lock().await;
+        let (lost_epoch, lost_head, entries) = {
+            let state = self.hub.read();
+            (
+                state.epoch().clone(),
+                state.head(),
+                state.snapshot(&WorkerFilter::all()),
+            )
+        };
+        if entries.is_empty() {
+            // Nothing to bring back: give a core that holds workers the first go.
+            tokio::select! {
+                () = tokio::time::sleep(EMPTY_RESEED_DELAY) => {}
+                () = self.shutdown.cancelled() => return Err(StoreError::Unavailable("shutting down".to_owned())),
+            }
+        }
+        let mut without_code = Vec::new();
+        for entry in &entries {
+            match &entry.code {
+                Some(code) => {
+                    self.store
+                        .put_bundle(&entry.change.checksum, code.clone())
+                        .await?
+                }
+                None => {
+                    if self.store.bundle(&entry.change.checksum).await?.is_none() {
+                        without_code.push(entry.change.worker.to_string());
+                    }
+                }
+            }
+        }
+        let latest: Vec<Change> = entries.iter().map(|e| e.change.clone()).collect();
+        match self.store.reseed(&latest, now_ms()).await? {
+            crate::store::Reseeded::Seeded { epoch, head } => {
+                metrics::counter!("workerpush_store_reseeds_total").increment(1);
+                tracing::error!(
+                    %why, %lost_epoch, lost_head, %epoch, head, workers = latest.len(),
+                    "STORE LOST ITS HISTORY: re-seeded it with every live worker this core holds, \
+                     in a new epoch; consumers get RESET and a snapshot equal to what they hold"
+                );
+                if !without_code.is_empty() {
+                    tracing::error!(
+                        workers = ?without_code,
+                        "re-seeded workers whose code the store lost and this core does not hold \
+                         (larger than INLINE_CODE_MAX_BYTES): consumers keep what they have, new \
+                         ones cannot fetch them until they are published again"
+                    );
+                }
+            }
+            crate::store::Reseeded::NotLost => {
+                tracing::warn!(%why, %lost_epoch, lost_head, "store history lost; another core re-seeded it first; reloading");
+            }
+        }
+        self.poke.notify_one();
+        Ok(())
+    }
+
     /// Reads one batch of durable changes into the hub. `Ok(true)`: there may be more.
     async fn catch_up(&self) -> Result<bool, StoreError> {
         let (epoch, head) = {
             let state = self.hub.read();
             (state.epoch().clone(), state.head())
         };
-        match self.store.changes_after(head, 1024).await? {
+        let tail = match self.store.changes_after(head, 1024).await {
+            Err(StoreError::HistoryLost(why)) => {
+                self.reseed(&why).await?;
+                return Ok(true);
+            }
+            other => other?,
+        };
+        match tail {
             Tail::Changes {
                 epoch: store_epoch,
                 changes,

@@ -28,7 +28,10 @@ use super::{
     now_ms,
     types::{ConsumerId, Epoch, Revision, WorkerFilter},
 };
-use crate::pb::{EncodedUpdate, UpdateKind};
+use crate::{
+    pb::{EncodedUpdate, UpdateKind},
+    store::Store,
+};
 
 /// How long a subscription resuming from a revision this core has not read yet waits for the
 /// follower before it starts over with a RESET instead.
@@ -36,6 +39,16 @@ const RESUME_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// Changes read from the hub per lock; also the most a subscription holds in memory.
 const BATCH: usize = 256;
+
+/// What a subscription's first read settles before anything is handed over.
+struct Floor {
+    store: Arc<dyn Store>,
+    resume: Option<(String, Revision)>,
+    planned: (Epoch, Revision),
+}
+
+/// How long a subscription waits for the store's head to be read.
+const FLOOR_READ: Duration = Duration::from_secs(2);
 
 /// An update ready to hand over.
 struct Ready {
@@ -114,6 +127,10 @@ pub struct Subscription {
     metrics: DeliveryMetrics,
     /// A resume position past this core's head, and until when to wait for it.
     ahead: Option<(Revision, Instant)>,
+    /// Until the first read: the store to learn the head from, the resume asked for, and the
+    /// hub's epoch and head the plan was made at (see [`Subscription::settle_floor`]).
+    floor: Option<Floor>,
+    poke: Arc<tokio::sync::Notify>,
     on_drop: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
 }
 
@@ -126,7 +143,8 @@ impl Subscription {
         resume: Option<(String, Revision)>,
         progress_interval: Duration,
         info: Arc<SubscriberInfo>,
-        poke: &tokio::sync::Notify,
+        store: Arc<dyn Store>,
+        poke: Arc<tokio::sync::Notify>,
         on_drop: Box<dyn FnOnce(u64) + Send + Sync>,
     ) -> Self {
         let mut head_rx = hub.watch_head();
@@ -154,29 +172,98 @@ impl Subscription {
                 info,
                 metrics,
                 ahead: None,
+                floor: Some(Floor {
+                    store,
+                    resume: resume.clone(),
+                    planned: (state.epoch().clone(), state.head()),
+                }),
+                poke,
                 on_drop: Some(on_drop),
             };
-            match resume {
-                Some((epoch, revision)) if state.can_resume(&epoch, revision) => {
-                    subscription.replay_from(revision, state.head());
-                }
-                Some((epoch, revision))
-                    if revision > state.head() && epoch == state.epoch().as_str() =>
-                {
-                    // The client holds a revision of this epoch that this core has not read
-                    // yet (another core sharing the store committed it a moment ago): wake
-                    // the follower, and decide on the first read, once it caught up or
-                    // RESUME_CATCH_UP passed, so that the answer itself is not held up.
-                    poke.notify_one();
-                    subscription.ahead = Some((revision, Instant::now() + RESUME_CATCH_UP));
-                    subscription.start = Start::Replay;
-                }
-                _ => subscription.reset(&state),
-            }
+            subscription.plan(&state, resume);
             subscription
         };
         subscription.fill_replay_if_done();
         subscription
+    }
+
+    /// Decides how to start from `state`: replay, wait for a revision ahead, or RESET.
+    fn plan(&mut self, state: &HubState, resume: Option<(String, Revision)>) {
+        self.pending.clear();
+        self.ahead = None;
+        self.sync_target = None;
+        self.epoch = state.epoch().clone();
+        match resume {
+            Some((epoch, revision)) if state.can_resume(&epoch, revision) => {
+                self.replay_from(revision, state.head());
+            }
+            Some((epoch, revision))
+                if revision > state.head() && epoch == state.epoch().as_str() =>
+            {
+                // The client holds a revision of this epoch that this core has not read
+                // yet (another core sharing the store committed it a moment ago): wake
+                // the follower, and decide on the first read, once it caught up or
+                // RESUME_CATCH_UP passed, so that the answer itself is not held up.
+                self.poke.notify_one();
+                self.ahead = Some((revision, Instant::now() + RESUME_CATCH_UP));
+                self.start = Start::Replay;
+            }
+            _ => self.reset(state),
+        }
+    }
+
+    /// SYNCED, precisely: learns the store's head (one read) and waits (up to
+    /// [`RESUME_CATCH_UP`]) until this core's hub holds it, then plans again if the hub moved
+    /// since the subscription was planned, so that the first SYNCED covers every change
+    /// acknowledged by any core before the subscription started. A store that does not
+    /// answer leaves the plan as it was: the core serves what it holds.
+    async fn settle_floor(&mut self, floor: Floor) -> Result<(), Ended> {
+        let learned = tokio::select! {
+            learned = tokio::time::timeout(FLOOR_READ, floor.store.head()) => learned,
+            () = self.shutdown.cancelled() => return Err(Ended::ShuttingDown),
+        };
+        let (epoch, head) = match learned {
+            Ok(Ok(head)) => head,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "store head not read; SYNCED covers this core's head");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::debug!("store head not read in time; SYNCED covers this core's head");
+                return Ok(());
+            }
+        };
+        let deadline = Instant::now() + RESUME_CATCH_UP;
+        loop {
+            self.head_rx.borrow_and_update();
+            {
+                let hub = self.hub.clone();
+                let state = hub.read();
+                let reached = state.epoch() == &epoch && state.head() >= head;
+                if reached || Instant::now() >= deadline {
+                    if !reached {
+                        metrics::counter!("workerpush_synced_behind_store_total").increment(1);
+                        tracing::warn!(
+                            store_head = head,
+                            head = state.head(),
+                            "this core did not reach the store's head in time; SYNCED covers its own head"
+                        );
+                    }
+                    if (state.epoch().clone(), state.head()) != floor.planned {
+                        self.plan(&state, floor.resume);
+                        drop(state);
+                        self.fill_replay_if_done();
+                    }
+                    return Ok(());
+                }
+            }
+            self.poke.notify_one();
+            tokio::select! {
+                changed = self.head_rx.changed() => changed.map_err(|_| Ended::ShuttingDown)?,
+                () = tokio::time::sleep_until(deadline) => {}
+                () = self.shutdown.cancelled() => return Err(Ended::ShuttingDown),
+            }
+        }
     }
 
     /// How it started.
@@ -191,6 +278,9 @@ impl Subscription {
 
     /// The next update to send. Waits for one; ends only when the core shuts down.
     pub async fn next(&mut self) -> Result<EncodedUpdate, Ended> {
+        if let Some(floor) = self.floor.take() {
+            self.settle_floor(floor).await?;
+        }
         if let Some((revision, deadline)) = self.ahead {
             self.settle_resume(revision, deadline).await?;
         }
@@ -210,7 +300,7 @@ impl Subscription {
 
     /// Takes an update if one is ready now, without waiting (batching writers).
     pub fn try_next(&mut self) -> Option<EncodedUpdate> {
-        if self.ahead.is_some() {
+        if self.ahead.is_some() || self.floor.is_some() {
             return None;
         }
         if self.pending.is_empty() && !self.shutdown.is_cancelled() {

@@ -237,11 +237,32 @@ pub struct RedisProcess {
     port: u16,
     child: Option<Child>,
     starts: u32,
+    /// `--replicaof 127.0.0.1 <port>` at the next (re)start.
+    replica_of: Option<u16>,
 }
 
 impl RedisProcess {
     /// Starts `bin` (`redis-server`) on a free port with its files under `dir`.
     pub async fn start(bin: &Path, dir: &Path) -> Result<Self, FaultError> {
+        Self::start_following(bin, dir, None).await
+    }
+
+    /// [`Self::start`], as a replica of `primary` (once it has synced with it).
+    pub async fn start_replica(
+        bin: &Path,
+        dir: &Path,
+        primary: &RedisProcess,
+    ) -> Result<Self, FaultError> {
+        let redis = Self::start_following(bin, dir, Some(primary.port)).await?;
+        redis.wait_in_sync().await?;
+        Ok(redis)
+    }
+
+    async fn start_following(
+        bin: &Path,
+        dir: &Path,
+        replica_of: Option<u16>,
+    ) -> Result<Self, FaultError> {
         // Free now; the tiny window until Redis binds it is acceptable for a test harness.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -253,9 +274,63 @@ impl RedisProcess {
             port,
             child: None,
             starts: 0,
+            replica_of,
         };
         redis.restart().await?;
         Ok(redis)
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Records that it was promoted (`REPLICAOF NO ONE`): a restart keeps it a primary.
+    pub fn promoted(&mut self) {
+        self.replica_of = None;
+    }
+
+    /// Makes it follow `primary` from its next restart.
+    pub fn follow_at_restart(&mut self, primary: &RedisProcess) {
+        self.replica_of = Some(primary.port);
+    }
+
+    /// Sends one command (`FLUSHALL`, `REPLICAOF NO ONE`, …) and returns its answer as text.
+    pub async fn command(&self, args: &[&str]) -> Result<String, FaultError> {
+        let fail = |e: redis::RedisError| FaultError::Setup(format!("redis {args:?}: {e}"));
+        let client = redis::Client::open(self.url()).map_err(fail)?;
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(fail)?;
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        let value: redis::Value = command.query_async(&mut connection).await.map_err(fail)?;
+        Ok(match value {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            redis::Value::SimpleString(text) => text,
+            redis::Value::VerbatimString { text, .. } => text,
+            other => format!("{other:?}"),
+        })
+    }
+
+    /// Waits until this replica's link to its primary is up and synced.
+    async fn wait_in_sync(&self) -> Result<(), FaultError> {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let info = self.command(&["INFO", "replication"]).await?;
+            if info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(FaultError::Setup(format!("replica never in sync: {info}")));
+            }
+            // Polling a condition: Redis says nothing when the link is up.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -298,6 +373,18 @@ impl RedisProcess {
                 "--logfile",
                 "redis.log",
             ])
+            .args(
+                self.replica_of
+                    .map(|port| {
+                        [
+                            "--replicaof".to_owned(),
+                            "127.0.0.1".to_owned(),
+                            port.to_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -66,6 +66,10 @@ pub enum Fault {
         /// How many Redis kills.
         outages: u32,
     },
+    /// The core on a Redis primary with one replica and `--redis-min-replicas 1`, through a
+    /// proxy: `FLUSHALL` mid-run, then a failover (the primary killed, the replica promoted,
+    /// the proxy moved to it, the old primary back as its replica).
+    RedisLoss,
     /// Half the consumers at a time stop reading for 1.5–3 s, with a small retained log.
     SlowConsumers,
     /// Every consumer's connection dropped at once, at least `storms` times.
@@ -142,6 +146,11 @@ impl Scenario {
         Self::new("redis_kill", Fault::RedisKill { outages: 2 }, 800)
     }
 
+    /// A Redis flushed, then failed over, mid-run.
+    pub fn redis_loss() -> Self {
+        Self::new("redis_loss", Fault::RedisLoss, 800)
+    }
+
     /// Consumers that stop reading for a while.
     pub fn slow_consumers() -> Self {
         Self {
@@ -165,6 +174,7 @@ impl Scenario {
             Self::tcp_cuts(),
             Self::core_kill(),
             Self::redis_kill(),
+            Self::redis_loss(),
             Self::slow_consumers(),
             Self::reconnect_storm(),
         ]
@@ -695,6 +705,8 @@ struct Faults<'a> {
     publishing: CancellationToken,
     core: &'a mut CoreProcess,
     redis: Option<&'a mut RedisProcess>,
+    replica: Option<&'a mut RedisProcess>,
+    redis_proxy: Option<&'a TcpProxy>,
     tls: &'a ClientTls,
 }
 
@@ -716,6 +728,7 @@ impl Faults<'_> {
             }
             Fault::CoreKill { cycles } => self.core_kill(cycles, &mut out).await,
             Fault::RedisKill { outages } => self.redis_kill(outages, &mut out).await,
+            Fault::RedisLoss => self.redis_loss(&mut out).await,
             Fault::SlowConsumers => self.slow(&mut out).await,
             Fault::ReconnectStorm { storms } => self.storm(storms, &mut out).await,
         }
@@ -816,6 +829,48 @@ impl Faults<'_> {
         ));
     }
 
+    async fn redis_loss(&mut self, out: &mut FaultOutcome) {
+        let (Some(primary), Some(replica), Some(proxy)) = (
+            self.redis.as_deref_mut(),
+            self.replica.as_deref_mut(),
+            self.redis_proxy,
+        ) else {
+            out.violations
+                .push("redis_loss: no primary, replica and proxy".to_owned());
+            return;
+        };
+        pause_ms(&mut self.rng, 400..1_200).await;
+        if let Err(error) = primary.command(&["FLUSHALL"]).await {
+            out.violations
+                .push(format!("redis_loss: FLUSHALL: {error}"));
+            return;
+        }
+        pause_ms(&mut self.rng, 1_000..2_000).await;
+        // Failover: the primary dies, the replica takes over, the proxy follows it.
+        primary.kill9().await;
+        if let Err(error) = replica.command(&["REPLICAOF", "NO", "ONE"]).await {
+            out.violations
+                .push(format!("redis_loss: promoting the replica: {error}"));
+            return;
+        }
+        replica.promoted();
+        proxy.set_upstream(replica.addr());
+        proxy.cut_all();
+        // `--redis-min-replicas 1` refuses changes until the old primary is back as a replica.
+        let down = pause_ms(&mut self.rng, 300..900).await;
+        primary.follow_at_restart(replica);
+        if let Err(error) = primary.restart().await {
+            out.violations
+                .push(format!("redis_loss: the old primary as a replica: {error}"));
+            return;
+        }
+        self.publishing.cancelled().await;
+        out.notes.push(format!(
+            "FLUSHALL of the primary, then a failover to its replica ({down:.1?} without a \
+             replica), --redis-min-replicas 1"
+        ));
+    }
+
     async fn slow(&mut self, out: &mut FaultOutcome) {
         let mut consumers: Vec<&Member> = self.fleet.consumers().collect();
         let (mut stopped_reading, mut went_away, mut stalled) = (0, 0, Duration::ZERO);
@@ -870,8 +925,25 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
     let mut rng = StdRng::seed_from_u64(seed);
     let scratch = ScratchDir::new(&scenario.name)?;
     let mut redis = match scenario.fault {
-        Fault::RedisKill { .. } => {
+        Fault::RedisKill { .. } | Fault::RedisLoss => {
             Some(RedisProcess::start(&setup.redis_server, &scratch.path().join("redis")).await?)
+        }
+        _ => None,
+    };
+    let mut replica = match (&redis, scenario.fault) {
+        (Some(primary), Fault::RedisLoss) => Some(
+            RedisProcess::start_replica(
+                &setup.redis_server,
+                &scratch.path().join("replica"),
+                primary,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let redis_proxy = match &redis {
+        Some(primary) if replica.is_some() => {
+            Some(TcpProxy::start(primary.addr(), None, seed).await?)
         }
         _ => None,
     };
@@ -880,9 +952,16 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
         scenario.retain_changes.to_string(),
     ];
     if let Some(redis) = &redis {
+        let url = match &redis_proxy {
+            Some(proxy) => format!("redis://{}", proxy.addr()),
+            None => redis.url(),
+        };
+        if redis_proxy.is_some() {
+            extra.extend(["--redis-min-replicas".to_owned(), "1".to_owned()]);
+        }
         extra.extend([
             "--redis-url".to_owned(),
-            redis.url(),
+            url,
             "--redis-key-prefix".to_owned(),
             format!("faults{seed}"),
         ]);
@@ -906,6 +985,8 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
         publishing: publishing.clone(),
         core: &mut core,
         redis: redis.as_mut(),
+        replica: replica.as_mut(),
+        redis_proxy: redis_proxy.as_ref(),
         tls: &tls,
     };
     let publish_started = Instant::now();
@@ -974,6 +1055,9 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
     if let Some(redis) = redis.as_mut() {
         redis.kill9().await;
     }
+    if let Some(replica) = replica.as_mut() {
+        replica.kill9().await;
+    }
 
     let accepted = publisher.accepted_changes();
     let logs: Vec<record::ConsumerLog> = members
@@ -990,7 +1074,10 @@ pub async fn run(scenario: &Scenario, seed: u64, setup: &Setup) -> Result<Report
             state: &log.state,
         })
         .collect();
-    let findings = check::check_run(&accepted, &records, &listing);
+    let findings = match scenario.fault {
+        Fault::RedisLoss => check::check_run_losing_history(&accepted, &records, &listing),
+        _ => check::check_run(&accepted, &records, &listing),
+    };
     let mut details = other.clone();
     details.extend(findings.details);
     let mut faults = outcome.notes;

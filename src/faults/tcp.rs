@@ -54,6 +54,8 @@ struct Shared {
     rng: Mutex<StdRng>,
     /// Bumped by `cut_all`: every connection open at that moment is reset.
     generation: watch::Sender<u64>,
+    /// Where new connections go (a failover moves it).
+    upstream: Mutex<SocketAddr>,
     counters: Counters,
 }
 
@@ -92,10 +94,11 @@ impl TcpProxy {
             mean_lifetime: watch::Sender::new(mean_lifetime),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             generation: watch::Sender::new(0),
+            upstream: Mutex::new(server),
             counters: Counters::default(),
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept(listener, server, shared.clone(), stop.clone()));
+        let task = tokio::spawn(accept(listener, shared.clone(), stop.clone()));
         Ok(Self {
             addr,
             shared,
@@ -113,6 +116,15 @@ impl TcpProxy {
     /// new lifetime from now.
     pub fn set_mean_lifetime(&self, mean_lifetime: Option<Duration>) {
         self.shared.mean_lifetime.send_replace(mean_lifetime);
+    }
+
+    /// Sends new connections to `server` from now on (open ones stay: [`Self::cut_all`]).
+    pub fn set_upstream(&self, server: SocketAddr) {
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = server;
     }
 
     /// Resets every connection open now.
@@ -146,12 +158,7 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    server: SocketAddr,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-) {
+async fn accept(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -161,6 +168,7 @@ async fn accept(
         // An accept error concerns one connection (e.g. it was reset while queued).
         let Ok((client, _)) = accepted else { continue };
         shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let server = *shared.upstream.lock().unwrap_or_else(|p| p.into_inner());
         connections.spawn(relay(client, server, shared.clone(), stop.clone()));
     }
     connections.close();

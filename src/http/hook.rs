@@ -260,6 +260,17 @@ async fn accept(
     let raw = read_body(content_length(headers), body, limit).await?;
     signed.verify_body(&state.secret, &raw)?;
     state.replay.admit(&signed, unix_now())?;
+    // This process's guard is cheap and catches most replays; the store's guard is the one
+    // that holds for the whole fleet and across restarts, and is checked before anything is
+    // applied.
+    let claimed = state
+        .core
+        .claim_request(&signed.replay_key(), signed.replay_expiry())
+        .await
+        .map_err(PublishError::from)?;
+    if !claimed {
+        return Err(HookAuthError::Replayed.into());
+    }
     let wait = wait_param(uri).map_err(|e| Refusal::Wait(e.message))?;
 
     let content_type = headers

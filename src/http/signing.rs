@@ -124,6 +124,19 @@ pub struct SignedHeaders {
 }
 
 impl SignedHeaders {
+    /// The request's key in the fleet-wide replay guard (the store): the signature, in hex.
+    /// Only meaningful after [`Self::verify_body`] succeeded.
+    pub fn replay_key(&self) -> String {
+        hex::encode(self.signature)
+    }
+
+    /// Until when (unix seconds, exclusive: a key set to expire at this second is gone at its
+    /// start) a replay of this request could pass the timestamp check, which still admits
+    /// `timestamp + MAX_SKEW_SECS` itself.
+    pub fn replay_expiry(&self) -> i64 {
+        self.timestamp.saturating_add(MAX_SKEW_SECS + 1)
+    }
+
     /// Parses the headers and checks the timestamp against `now` (unix seconds). Needs no body,
     /// so a request failing here is refused before it is read.
     pub fn from_headers(headers: &HeaderMap, now: i64) -> Result<Self, HookAuthError> {

@@ -27,6 +27,55 @@ where
     serialises_concurrent_applies(Arc::new(make().await)).await;
     hints_at_new_heads(&make().await).await;
     keeps_consumer_records(&make().await).await;
+    tells_its_head(&make().await).await;
+    claims_each_request_once(&make().await).await;
+}
+
+async fn tells_its_head(store: &impl Store) {
+    let state = store.load().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        store.head().await.unwrap_or_else(|e| panic!("{e}")),
+        (state.epoch.clone(), 0)
+    );
+    committed(store, put("a", "1", b"a1")).await;
+    committed(store, put("b", "1", b"b1")).await;
+    assert_eq!(
+        store.head().await.unwrap_or_else(|e| panic!("{e}")),
+        (state.epoch, 2)
+    );
+}
+
+async fn claims_each_request_once(store: &impl Store) {
+    let key = format!("{:064x}", rand::random::<u128>());
+    let other = format!("{:064x}", rand::random::<u128>());
+    let until = crate::core::now_ms() / 1000 + 60;
+    let claim = |key: &str| {
+        let key = key.to_owned();
+        async move {
+            store
+                .claim_request(&key, until)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert!(claim(&key).await, "a new request");
+    assert!(!claim(&key).await, "the same request again");
+    assert!(claim(&other).await, "another request");
+    let expired = format!("{:064x}", rand::random::<u128>());
+    let past = crate::core::now_ms() / 1000 - 1;
+    assert!(
+        store
+            .claim_request(&expired, past)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    assert!(
+        store
+            .claim_request(&expired, until)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        "a claim whose window ended is free again"
+    );
 }
 
 fn name(n: &str) -> WorkerName {

@@ -12,6 +12,8 @@
 //! <dir>/consumers.jsonl      the consumer registry: one JSON record per line, the last line of
 //!                            an id wins; changed records appended (at most about once a
 //!                            second), rewritten whole only when compacted
+//! <dir>/hook-claims          signed hook requests claimed inside their window (`<key> <expiry>`
+//!                            lines, fsynced per claim, rewritten with the live ones at open)
 //! <dir>/bundles/<checksum>   worker code, content-addressed by its lowercase hex SHA-256
 //! ```
 //!
@@ -68,6 +70,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::claims::{ClaimsFile, unix_now};
 use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store,
     StoreError, Tail,
@@ -159,6 +162,8 @@ struct Shared {
     bundles: Mutex<PendingBundles>,
     /// Wakes the bundle flusher.
     bundles_carried: Notify,
+    /// Claimed hook requests (`hook-claims`).
+    claims: Mutex<ClaimsFile>,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -233,6 +238,10 @@ impl FileStore {
             blocking(move || recover(&dir, &config)).await??
         };
         let head = opened.machine.head();
+        let claims = {
+            let dir = dir.clone();
+            blocking(move || ClaimsFile::open(&dir, unix_now())).await??
+        };
         tracing::info!(
             dir = %dir.display(), epoch = %opened.machine.epoch(), head,
             logged = opened.log.changes, "file store opened"
@@ -253,6 +262,7 @@ impl FileStore {
             registry_changed: Notify::new(),
             bundles: Mutex::new(PendingBundles::default()),
             bundles_carried: Notify::new(),
+            claims: Mutex::new(claims),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -411,6 +421,24 @@ impl Store for FileStore {
         self.check()?;
         let view = lock(&self.shared.view);
         Ok(view.machine.changes_after_until(after, limit, view.durable))
+    }
+
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
+        self.check()?;
+        let view = lock(&self.shared.view);
+        Ok((view.machine.epoch().clone(), view.durable))
+    }
+
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        self.check()?;
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        blocking(move || {
+            lock(&shared.claims)
+                .claim(&key, expires_unix_s, unix_now())
+                .map_err(StoreError::from)
+        })
+        .await?
     }
 
     fn head_hint(&self) -> watch::Receiver<Revision> {

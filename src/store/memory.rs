@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::claims::{Claims, unix_now};
 use super::{ConsumerRecord, Outcome, Proposal, Recovered, StateMachine, Store, StoreError, Tail};
 use crate::core::types::{Checksum, ConsumerId, Epoch, Revision};
 
@@ -23,6 +24,7 @@ struct Inner {
     machine: StateMachine,
     bundles: HashMap<Checksum, Bytes>,
     consumers: HashMap<ConsumerId, ConsumerRecord>,
+    claims: Claims,
 }
 
 impl MemoryStore {
@@ -33,6 +35,7 @@ impl MemoryStore {
                 machine: StateMachine::new(Epoch::generate(), retain),
                 bundles: HashMap::new(),
                 consumers: HashMap::new(),
+                claims: Claims::default(),
             }),
             head: watch::Sender::new(0),
         }
@@ -77,6 +80,15 @@ impl Store for MemoryStore {
 
     async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError> {
         Ok(self.lock().machine.changes_after(after, limit))
+    }
+
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
+        let inner = self.lock();
+        Ok((inner.machine.epoch().clone(), inner.machine.head()))
+    }
+
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        Ok(self.lock().claims.claim(key, expires_unix_s, unix_now()))
     }
 
     fn head_hint(&self) -> watch::Receiver<Revision> {

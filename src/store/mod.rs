@@ -8,6 +8,7 @@
 //!
 //! Depends on `core::types` only; knows nothing of transports.
 
+mod claims;
 pub mod conformance;
 mod file;
 mod memory;
@@ -176,9 +177,30 @@ pub enum StoreError {
     /// The durable state does not decode or breaks an invariant.
     #[error("corrupt: {0}")]
     Corrupt(String),
+    /// The store lost history this store handle had seen: it is empty, or its head went
+    /// back (a Redis flushed, restarted without persistence, or failed over to a replica that
+    /// lacked the last writes). Nothing was changed; the core re-seeds the store from the
+    /// state it holds ([`Store::reseed`]) and tries again.
+    #[error("history lost: {0}")]
+    HistoryLost(String),
     /// A file operation failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// What [`Store::reseed`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reseeded {
+    /// This call seeded a new epoch with the given changes (revisions `1..=head`).
+    Seeded {
+        /// The new epoch.
+        epoch: Epoch,
+        /// Its head: the number of workers seeded.
+        head: Revision,
+    },
+    /// The store has a history this caller did not lose (another core re-seeded it first,
+    /// or nothing was lost): nothing changed; reload.
+    NotLost,
 }
 
 /// Durable state. Every method is safe to call concurrently; `apply` calls are serialised
@@ -213,6 +235,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every consumer the registry knows.
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError>;
+
+    /// The epoch and head of the durable state now: one cheap read. A subscription's first
+    /// SYNCED covers at least this head, so that it covers every change acknowledged (by any
+    /// core) before the subscription started.
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError>;
+
+    /// Claims a signed hook request, durably and for the whole fleet, until `expires_unix_s`:
+    /// `true` the first time, `false` for a replay. Checked before the request is applied, so
+    /// that a request is applied at most once across cores and restarts.
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError>;
+
+    /// After [`StoreError::HistoryLost`]: starts a new epoch holding `latest` (the put that
+    /// made each live worker's version latest, as the caller held them, bundles already
+    /// stored), renumbered `1..=n` in this order, atomically and only if the history is still
+    /// lost, so that of several cores noticing at once exactly one seeds. Stores that cannot
+    /// lose history under a running core answer [`Reseeded::NotLost`].
+    async fn reseed(&self, latest: &[Change], timestamp_ms: i64) -> Result<Reseeded, StoreError> {
+        let _ = (latest, timestamp_ms);
+        Ok(Reseeded::NotLost)
+    }
 
     /// Flushes what is buffered and stops background work (shutdown). Nothing committed is
     /// ever buffered: this concerns the consumer registry only.

@@ -14,6 +14,7 @@
 //! | `{prefix}:versions` | hash | `<worker>/<version>` → checksum, for every version ever published (kept forever: immutability survives deletes) |
 //! | `{prefix}:bundle:<checksum>` | string | the code (`SET NX`) |
 //! | `{prefix}:consumers` | hash | consumer id → its registry record (JSON, see [`registry`]) |
+//! | `{prefix}:claim:<signature>` | string | a hook request already applied, until its window ends |
 //! | `{prefix}:hint` | pub/sub channel | the revision of each commit: a wake-up only |
 //!
 //! A change record is JSON with string fields: `{"r": revision, "k": "put"|"delete", "w":
@@ -28,18 +29,27 @@
 //! `head + 1` and only trimmed from the front, the retained log is always contiguous and ends at
 //! the head; reads check it anyway.
 //!
-//! # The epoch
-//! Every script first makes sure the epoch exists, creating it atomically when missing (first
-//! use, or Redis lost its data). So `apply` never refuses for lack of an epoch and never writes
-//! history under none: a flushed Redis simply starts a new history in a new epoch, and every
-//! core that followed the old one reloads and sends its subscribers `RESET`. Each store also
-//! remembers the highest head it has seen in the current epoch; if Redis comes back with the
-//! same epoch but an older head (restored from a stale snapshot), the next script starts a new
-//! epoch rather than hand out revision numbers that consumers have already seen for other
-//! changes.
+//! # The epoch, and a Redis that lost its data
+//! The first script to find no epoch creates one — for a store that has not followed any
+//! history yet (first use). A store that has followed one (it remembers the newest epoch and
+//! the highest head it saw) never starts over by itself: when the epoch is missing (Redis
+//! flushed, restarted without persistence, failed over to an empty replica) or the head went
+//! back under the same epoch (restored from a stale snapshot, failed over to a replica that
+//! lacked the last writes), every script answers `WPLOST` ([`StoreError::HistoryLost`]) and
+//! changes nothing. The core then re-seeds ([`Store::reseed`]): one script that, only while
+//! the history is still lost, starts a new epoch holding every live worker the core holds.
+//! Of several cores noticing at once, the first script seeds and the others find a history
+//! they did not lose and reload it. So a revision is never given twice in one epoch, and a
+//! new epoch never starts empty while a core holds workers.
+//!
+//! # Hook replays
+//! `{prefix}:claim:<signature>` (`SET NX EXAT` the end of the request's time window) is the
+//! fleet's replay guard: whichever core sees a signed request first claims it.
 //!
 //! # Operating it
-//! Durability is what Redis acknowledges: run it with `appendonly yes` (and `appendfsync
+//! Durability is what Redis acknowledges — with `min_replicas`, what that many replicas
+//! acknowledged too (`WAIT` after every commit; fewer in time answers
+//! [`StoreError::Unavailable`], and the retried put answers with the revision it got). Run it with `appendonly yes` (and `appendfsync
 //! always` for the design's "survives kill -9"), and `maxmemory-policy noeviction` — an
 //! evicted key would silently break history. The first `load` reads the `append*` settings
 //! (where `CONFIG` is allowed) and warns when acknowledged writes could be lost. For Redis
@@ -49,11 +59,19 @@
 //! A timed-out `apply` is ambiguous (the script may have run): it answers
 //! [`StoreError::Unavailable`], and a retried put then answers `Unchanged` with the revision it got.
 //!
+//! # Failover
+//! With a Sentinel URL, connections go to the master the Sentinels name, asked again when a
+//! connection breaks or a server answers `READONLY` (see [`link`]). With `min_replicas`, no
+//! change is acknowledged before that many replicas hold it, so a promoted replica has every
+//! acknowledged change; one that lacks unacknowledged ones is a shorter history and is
+//! re-seeded like any other loss.
+//!
 //! # The consumer registry
 //! Saves from every core are merged inside Redis (highest ack, newest registration), coalesced
 //! per consumer and written in the background, so acks keep being answered while Redis is
 //! away; see [`registry`].
 
+mod link;
 mod registry;
 
 use std::{
@@ -69,23 +87,26 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::{
-    Client, RedisError, RedisResult, Script,
+    RedisError, RedisResult, Script,
     aio::{ConnectionManager, ConnectionManagerConfig, PubSub},
 };
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use self::registry::Registry;
+use self::{link::Link, registry::Registry};
 use super::{
-    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Store, StoreError, Tail,
+    Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Reseeded, Store, StoreError,
+    Tail,
 };
 use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
 
 /// How to reach Redis and where to keep the state in it.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://`).
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`), or
+    /// `redis+sentinel://[password@]host:port[,host:port…]/<service>[/<db>]` to follow the
+    /// master a set of Sentinels names.
     pub url: String,
     /// Every key starts with `{key_prefix}:`; cores sharing one history share the prefix.
     pub key_prefix: String,
@@ -96,6 +117,9 @@ pub struct RedisConfig {
     /// How long one operation may take, reconnecting included, before it answers
     /// [`StoreError::Unavailable`].
     pub response_timeout: Duration,
+    /// Replicas that must hold a change (`WAIT`) before it is acknowledged; 0: the primary's
+    /// answer is enough.
+    pub min_replicas: u32,
 }
 
 impl Default for RedisConfig {
@@ -106,17 +130,19 @@ impl Default for RedisConfig {
             retain: 10_000,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
+            min_replicas: 0,
         }
     }
 }
 
 /// A [`Store`] in Redis, shared by every core that uses the same URL and prefix.
 pub struct RedisStore {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     keys: Keys,
     scripts: Scripts,
     retain: usize,
     response_timeout: Duration,
+    min_replicas: u32,
     head: watch::Sender<Revision>,
     /// The highest head seen in the newest epoch seen: a fence against Redis coming back with
     /// the same epoch but a shorter history.
@@ -150,12 +176,18 @@ impl Keys {
     fn bundle(&self, checksum: &Checksum) -> String {
         format!("{}:bundle:{checksum}", self.prefix)
     }
+
+    fn claim(&self, key: &str) -> String {
+        format!("{}:claim:{key}", self.prefix)
+    }
 }
 
 struct Scripts {
     load: Script,
     changes: Script,
     apply: Script,
+    head: Script,
+    reseed: Script,
 }
 
 impl RedisStore {
@@ -169,9 +201,6 @@ impl RedisStore {
         let invalid = |what: String| {
             StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
         };
-        // The URL may hold a password: name the problem, never the URL.
-        let client =
-            Client::open(config.url.as_str()).map_err(|e| invalid(format!("redis url: {e}")))?;
         if config.key_prefix.is_empty() {
             return Err(invalid("redis key prefix is empty".to_owned()));
         }
@@ -184,14 +213,14 @@ impl RedisStore {
             // timeout anyway, and a failed reconnect is retried by the next operation.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| invalid(format!("redis connection: {e}")))?;
+        // The URL may hold a password: the error names the problem, never the URL.
+        let link = Arc::new(Link::open(&config.url, manager_config).map_err(invalid)?);
 
         let keys = Keys::new(&config.key_prefix);
         let head = watch::Sender::new(0);
         let cancel = CancellationToken::new();
         runtime.spawn(follow_hints(
-            client,
+            link.clone(),
             keys.hint.clone(),
             head.clone(),
             config.connect_timeout,
@@ -199,21 +228,24 @@ impl RedisStore {
             cancel.clone(),
         ));
         let registry = Arc::new(Registry::new(
-            connection.clone(),
+            link.clone(),
             keys.consumers.clone(),
             config.response_timeout,
         ));
         runtime.spawn(registry::keep_writing(registry.clone(), cancel.clone()));
         Ok(Self {
-            connection,
+            link,
             keys,
             scripts: Scripts {
-                load: Script::new(&format!("{PREAMBLE}{LOAD}")),
-                changes: Script::new(&format!("{PREAMBLE}{CHANGES}")),
-                apply: Script::new(&format!("{PREAMBLE}{APPLY}")),
+                load: Script::new(&format!("{STATE}{PREAMBLE}{LOAD}")),
+                changes: Script::new(&format!("{STATE}{PREAMBLE}{CHANGES}")),
+                apply: Script::new(&format!("{STATE}{PREAMBLE}{APPLY}")),
+                head: Script::new(&format!("{STATE}{PREAMBLE}{HEAD}")),
+                reseed: Script::new(&format!("{STATE}{RESEED}")),
             },
             retain: config.retain.max(1),
             response_timeout: config.response_timeout,
+            min_replicas: config.min_replicas,
             head,
             seen: Mutex::new(None),
             registry,
@@ -228,17 +260,20 @@ impl RedisStore {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The `fresh, known epoch, known head` arguments every script starts with.
-    fn fence(&self) -> (String, String, Revision) {
+    /// `script` on the state keys with the `fresh epoch, known epoch, known head` arguments
+    /// every script starts with; the caller adds its own.
+    fn invocation<'a>(&self, script: &'a Script) -> redis::ScriptInvocation<'a> {
         let (known_epoch, known_head) = self
             .seen()
             .as_ref()
             .map_or((String::new(), 0), |(e, h)| (e.as_str().to_owned(), *h));
-        (
-            Epoch::generate().as_str().to_owned(),
-            known_epoch,
-            known_head,
-        )
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.keys.state)
+            .arg(Epoch::generate().as_str())
+            .arg(known_epoch)
+            .arg(known_head);
+        invocation
     }
 
     /// Records what a script reported, and returns the parsed epoch.
@@ -267,10 +302,22 @@ impl RedisStore {
         Fut: Future<Output = RedisResult<T>>,
     {
         let attempts = async {
-            let first = op(self.connection.clone()).await;
+            let (generation, connection) = self.link.manager().await?;
+            let first = op(connection).await;
             match first {
-                Err(e) if e.is_connection_refusal() || (idempotent && e.is_io_error()) => {
-                    op(self.connection.clone()).await
+                // A read-only answer came from a replica (a failover): nothing was written.
+                Err(e)
+                    if e.is_connection_refusal()
+                        || (idempotent && e.is_io_error())
+                        || e.code() == Some("READONLY") =>
+                {
+                    self.link.failed(generation, &e).await;
+                    let (_, connection) = self.link.manager().await?;
+                    op(connection).await
+                }
+                Err(e) => {
+                    self.link.failed(generation, &e).await;
+                    Err(e)
                 }
                 other => other,
             }
@@ -312,6 +359,34 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// With `min_replicas`, waits until that many replicas hold every write this store's
+    /// connection made (the change just committed included); refuses the answer otherwise,
+    /// so that a failover to a replica never loses a change that was acknowledged.
+    async fn replicated(&self, what: &str) -> Result<(), StoreError> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        // Half the response timeout for the replicas, the rest for the round trip.
+        let wait_ms = (self.response_timeout / 2).as_millis().max(1);
+        let acked: u64 = self
+            .run("wait", true, |mut connection| {
+                let mut command = redis::cmd("WAIT");
+                command.arg(self.min_replicas).arg(wait_ms as u64);
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        if acked < u64::from(self.min_replicas) {
+            return Err(StoreError::Unavailable(format!(
+                "redis {what}: committed on the primary but held by {acked} of the {} replicas \
+                 --redis-min-replicas asks for within {wait_ms} ms; not acknowledged",
+                self.min_replicas
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
 fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str> {
     match (
@@ -327,6 +402,9 @@ fn durability_problem(settings: &HashMap<String, String>) -> Option<&'static str
 /// Maps a Redis error: our scripts' `WPCORRUPT` and unreadable replies are corruption;
 /// everything else (I/O, timeouts, loading, read-only replicas, OOM) is temporary.
 fn store_error(what: &str, error: &RedisError) -> StoreError {
+    if error.code() == Some("WPLOST") {
+        return StoreError::HistoryLost(format!("redis {what}: {error}"));
+    }
     let corrupt = error.code() == Some("WPCORRUPT")
         || matches!(
             error.kind(),
@@ -401,15 +479,9 @@ impl Store for RedisStore {
         if !self.durability_checked.swap(true, Ordering::Relaxed) {
             self.check_durability().await;
         }
-        let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, latest, tail): (String, Revision, Vec<Vec<u8>>, Vec<Vec<u8>>) = self
             .run("load", true, |mut connection| {
-                let mut invocation = self.scripts.load.prepare_invoke();
-                invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head);
+                let invocation = self.invocation(&self.scripts.load);
                 async move { invocation.invoke_async(&mut connection).await }
             })
             .await?;
@@ -471,7 +543,6 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let (op, worker, version, checksum, size) = match &proposal {
             Proposal::Put {
                 worker,
@@ -485,12 +556,8 @@ impl Store for RedisStore {
             // Not idempotent: a put that ran but whose answer was lost would come back
             // `Unchanged`, a delete `NotFound`.
             .run("apply", false, |mut connection| {
-                let mut invocation = self.scripts.apply.prepare_invoke();
+                let mut invocation = self.invocation(&self.scripts.apply);
                 invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head)
                     .arg(op)
                     .arg(worker.as_str())
                     .arg(version)
@@ -510,9 +577,16 @@ impl Store for RedisStore {
                     return Err(corrupt("apply", "committed revision is not the head"));
                 }
                 self.head.send_replace(change.revision);
+                self.replicated("apply").await?;
                 Ok(Outcome::Committed(change))
             }
-            "unchanged" => Ok(Outcome::Unchanged(decode_change(&payload)?)),
+            "unchanged" => {
+                let change = decode_change(&payload)?;
+                // A retry of a put whose first answer was "not replicated" must not be
+                // acknowledged before the replicas hold it either.
+                self.replicated("apply").await?;
+                Ok(Outcome::Unchanged(change))
+            }
             "conflict" => Ok(Outcome::Conflict {
                 existing: Checksum::parse(&String::from_utf8_lossy(&payload))
                     .map_err(|e| corrupt("stored checksum", e))?,
@@ -523,15 +597,10 @@ impl Store for RedisStore {
     }
 
     async fn changes_after(&self, after: Revision, limit: usize) -> Result<Tail, StoreError> {
-        let (fresh, known_epoch, known_head) = self.fence();
         let (epoch, head, status, records): (String, Revision, String, Vec<Vec<u8>>) = self
             .run("changes_after", true, |mut connection| {
-                let mut invocation = self.scripts.changes.prepare_invoke();
+                let mut invocation = self.invocation(&self.scripts.changes);
                 invocation
-                    .key(&self.keys.state)
-                    .arg(&fresh)
-                    .arg(&known_epoch)
-                    .arg(known_head)
                     .arg(after)
                     // At least 1 (Redis reads COUNT 0 as "no limit") and a count Redis
                     // accepts; trimmed to `limit` below, and fewer is always allowed.
@@ -548,6 +617,75 @@ impl Store for RedisStore {
                 Ok(Tail::Changes { epoch, changes })
             }
             other => Err(corrupt("changes_after status", other)),
+        }
+    }
+
+    async fn head(&self) -> Result<(Epoch, Revision), StoreError> {
+        let (epoch, head): (String, Revision) = self
+            .run("head", true, |mut connection| {
+                let invocation = self.invocation(&self.scripts.head);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        Ok((self.observe(&epoch, head)?, head))
+    }
+
+    /// `SET NX EXAT`: one key per request, expiring with its window, shared by every core.
+    async fn claim_request(&self, key: &str, expires_unix_s: i64) -> Result<bool, StoreError> {
+        let redis_key = self.keys.claim(key);
+        // Idempotent only in effect, not in answer: a retried `SET NX` whose first try landed
+        // would answer "replayed". Never retried after a lost answer, so the caller sees 503.
+        let set: Option<String> = self
+            .run("claim", false, |mut connection| {
+                let mut command = redis::cmd("SET");
+                command
+                    .arg(&redis_key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(expires_unix_s.max(1));
+                async move { command.query_async(&mut connection).await }
+            })
+            .await?;
+        if set.is_some() {
+            self.replicated("claim").await?;
+        }
+        Ok(set.is_some())
+    }
+
+    async fn reseed(&self, latest: &[Change], timestamp_ms: i64) -> Result<Reseeded, StoreError> {
+        let records: Vec<String> = (1..)
+            .zip(latest)
+            .map(|(revision, change)| {
+                serde_json::json!({
+                    "r": revision.to_string(), "k": "put", "w": change.worker.as_str(),
+                    "v": change.version.as_str(), "c": change.checksum.as_str(),
+                    "s": change.size.to_string(), "t": timestamp_ms.to_string(),
+                })
+                .to_string()
+            })
+            .collect();
+        let (epoch, head, status): (String, Revision, String) = self
+            // Safe to retry: a second run after a lost answer finds the history seeded and
+            // answers `notlost` (the caller then just reloads).
+            .run("reseed", true, |mut connection| {
+                let mut invocation = self.invocation(&self.scripts.reseed);
+                invocation
+                    .arg(self.retain)
+                    .arg(&self.keys.hint)
+                    .arg(&records);
+                async move { invocation.invoke_async(&mut connection).await }
+            })
+            .await?;
+        let epoch = self.observe(&epoch, head)?;
+        match status.as_str() {
+            "seeded" => {
+                self.head.send_replace(head);
+                self.replicated("reseed").await?;
+                Ok(Reseeded::Seeded { epoch, head })
+            }
+            "notlost" => Ok(Reseeded::NotLost),
+            other => Err(corrupt("reseed status", other)),
         }
     }
 
@@ -579,7 +717,7 @@ impl Store for RedisStore {
 /// with jittered exponential backoff. Logs when the subscription is lost and when it is back,
 /// not on every retry. Ends when `cancel` fires (the store was dropped).
 async fn follow_hints(
-    client: Client,
+    link: Arc<Link>,
     channel: String,
     head: watch::Sender<Revision>,
     connect_timeout: Duration,
@@ -592,6 +730,10 @@ async fn follow_hints(
     let mut down = false;
     loop {
         let subscribe = async {
+            let client = tokio::time::timeout(connect_timeout, link.client())
+                .await
+                .map_err(|_| format!("no master named within {connect_timeout:?}"))?
+                .map_err(|e| e.to_string())?;
             let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
                 .await
                 .map_err(|_| format!("no connection within {connect_timeout:?}"))?
@@ -622,6 +764,8 @@ async fn follow_hints(
             }
             Err(error) => error,
         };
+        // With Sentinels, the master may have moved.
+        link.renew().await;
         if !down {
             tracing::warn!(%channel, %error, "redis hint subscription down; retrying with backoff (the core keeps polling)");
             down = true;
@@ -670,18 +814,26 @@ async fn listen(
     }
 }
 
-/// Shared by every script. KEYS: epoch, head, log, versions, latest. ARGV[1]: a fresh epoch
-/// to use if there is none; ARGV[2], ARGV[3]: the epoch and head this store last saw.
-/// Leaves `epoch` and `head` in locals.
-const PREAMBLE: &str = r"
+/// How every script starts. KEYS: epoch, head, log, versions, latest. ARGV[1]: a fresh epoch
+/// to use if there is none; ARGV[2], ARGV[3]: the epoch and head this store last saw. Leaves
+/// `epoch`, `head` and `lost` (the history the caller followed is gone) in locals.
+const STATE: &str = r"
 local head = tonumber(redis.call('GET', KEYS[2]) or '0')
 if not head then
   return redis.error_reply('WPCORRUPT head is not a number')
 end
 local epoch = redis.call('GET', KEYS[1])
-if epoch and epoch == ARGV[2] and head < tonumber(ARGV[3]) then
-  -- Same epoch, shorter history: changes were lost. Their revisions must not be reused.
-  epoch = false
+local lost = ARGV[2] ~= '' and ((not epoch) or (epoch == ARGV[2] and head < tonumber(ARGV[3])))
+";
+
+/// Shared by every script but [`RESEED`], after [`STATE`]: refuses a lost history, creates
+/// the epoch on first use.
+const PREAMBLE: &str = r"
+if lost then
+  -- The history this caller followed is gone (flushed, restarted empty, failed over to a
+  -- replica without the last writes). Change nothing: the caller's core re-seeds it.
+  return redis.error_reply('WPLOST epoch ' .. ARGV[2] .. ' at head ' .. ARGV[3] ..
+    ' is gone (store epoch ' .. (epoch or 'none') .. ', head ' .. string.format('%d', head) .. ')')
 end
 if not epoch then
   epoch = ARGV[1]
@@ -694,6 +846,40 @@ local function log_values(entries)
   end
   return values
 end
+";
+
+/// Returns epoch, head.
+const HEAD: &str = r"
+return {epoch, head}
+";
+
+/// [`Store::reseed`], after [`STATE`] but not the preamble. ARGV[1]: the new epoch; 2, 3:
+/// the epoch and head the caller followed; 4: retain; 5: hint channel; 6..: the change
+/// records to seed, revisions 1..n. Seeds only while that history is still lost (no epoch, or
+/// the same epoch with a lower head); otherwise answers 'notlost' and changes nothing.
+/// Returns epoch, head, 'seeded' | 'notlost'.
+const RESEED: &str = r"
+if epoch and not lost then
+  return {epoch, head, 'notlost'}
+end
+-- What a stale restore left of the lost history goes; `versions` stays (immutability).
+redis.call('DEL', KEYS[3], KEYS[5])
+epoch = ARGV[1]
+redis.call('SET', KEYS[1], epoch)
+local revision = 0
+for i = 6, #ARGV do
+  local ok, c = pcall(cjson.decode, ARGV[i])
+  if not ok or type(c) ~= 'table' then
+    return redis.error_reply('WPCORRUPT seed record does not decode')
+  end
+  revision = revision + 1
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[4], string.format('%d-0', revision), 'c', ARGV[i])
+  redis.call('HSET', KEYS[4], c.w .. '/' .. c.v, c.c)
+  redis.call('HSET', KEYS[5], c.w, ARGV[i])
+end
+redis.call('SET', KEYS[2], string.format('%d', revision))
+redis.call('PUBLISH', ARGV[5], string.format('%d', revision))
+return {epoch, revision, 'seeded'}
 ";
 
 /// Returns epoch, head, latest records, the whole retained log.
@@ -781,6 +967,7 @@ mod tests {
         core::types::ConsumerId,
         store::conformance::{self, put},
     };
+    use redis::Client;
 
     const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -791,6 +978,7 @@ mod tests {
             retain: 1000,
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(2),
+            min_replicas: 0,
         }
     }
 
@@ -1036,16 +1224,38 @@ mod tests {
     }
 
     /// A private, unpersisted `redis-server` on `port`, answering PING when this returns.
-    async fn start_redis(port: u16) -> tokio::process::Child {
+    async fn start_redis(port: u16) -> TestRedis {
+        start_redis_with(port, &[]).await
+    }
+
+    /// A `redis-server` of a test, with a directory of its own (a replica writes the
+    /// primary's snapshot there); killed when dropped.
+    struct TestRedis {
+        child: tokio::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestRedis {
+        async fn kill(&mut self) -> std::io::Result<()> {
+            self.child.kill().await
+        }
+    }
+
+    /// [`start_redis`] with more arguments (`--replicaof …`).
+    async fn start_redis_with(port: u16, extra: &[&str]) -> TestRedis {
+        let port_text = port.to_string();
+        let mut args = vec!["--port", &port_text, "--save", "", "--appendonly", "no"];
+        args.extend(extra);
+        redis_server(&args, port).await
+    }
+
+    /// `redis-server` with `args` (maybe in Sentinel mode, on `port`), in a temp dir, once it
+    /// answers PING.
+    async fn redis_server(args: &[&str], port: u16) -> TestRedis {
+        let dir = tempfile::tempdir().unwrap();
         let child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -1060,7 +1270,7 @@ mod tests {
                     .await
                     .is_ok()
             {
-                return child;
+                return TestRedis { child, _dir: dir };
             }
             assert!(Instant::now() < deadline, "redis-server did not come up");
             // Polling interval while the server starts, bounded by the deadline.
@@ -1069,7 +1279,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn store_recovers_with_a_new_epoch_after_redis_restarts_empty() {
+    async fn after_redis_restarts_empty_one_of_two_stores_reseeds_a_new_epoch() {
         if std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -1102,12 +1312,36 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
 
         let _server = start_redis(port).await;
+        // A store that followed the lost history changes nothing until it is re-seeded.
+        assert!(matches!(a.load().await, Err(StoreError::HistoryLost(_))));
+        assert!(matches!(
+            a.apply(put("a", "3", b"3"), 1).await,
+            Err(StoreError::HistoryLost(_))
+        ));
+        let seed = held_put("a", "1", 1);
+        // Both notice; exactly one seeds.
+        let (first, second) = tokio::join!(
+            a.reseed(std::slice::from_ref(&seed), 5),
+            b.reseed(std::slice::from_ref(&seed), 5)
+        );
+        let outcomes = [first.unwrap(), second.unwrap()];
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| matches!(o, Reseeded::Seeded { head: 1, .. }))
+                .count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert!(outcomes.contains(&Reseeded::NotLost), "{outcomes:?}");
         let state = a.load().await.unwrap();
         assert_ne!(state.epoch, before, "history lost: new epoch");
-        assert_eq!((state.head, state.latest.len()), (0, 0));
-        assert_eq!(committed(&a, "a", "3").await, 1);
+        assert_eq!(state.head, 1);
+        assert_eq!(state.latest[0].version.as_str(), "1");
+        assert_eq!(b.head().await.unwrap(), (state.epoch.clone(), 1));
+        assert_eq!(committed(&a, "a", "3").await, 2);
         assert!(matches!(
-            b.changes_after(1, 10).await.unwrap(),
+            b.changes_after(2, 10).await.unwrap(),
             Tail::Changes { epoch, changes } if epoch == state.epoch && changes.is_empty()
         ));
         hint_travels(&b, &a, "after").await;
@@ -1320,7 +1554,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn same_epoch_with_a_shorter_history_becomes_a_new_epoch() {
+    async fn same_epoch_with_a_shorter_history_is_lost_until_reseeded_in_a_new_epoch() {
         let prefix = fresh_prefix();
         let store = open(REDIS, &prefix);
         let before = store.load().await.unwrap().epoch;
@@ -1354,15 +1588,187 @@ mod tests {
             .await
             .map(drop)
             .unwrap();
-        match store.changes_after(2, 10).await.unwrap() {
-            Tail::Gone { epoch } => assert_ne!(epoch, before),
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(
+            store.changes_after(2, 10).await,
+            Err(StoreError::HistoryLost(_))
+        ));
+        // What the core held: `a` at version 2.
+        let held = [held_put("a", "2", 2)];
+        assert_eq!(
+            store.reseed(&held, 9).await.unwrap(),
+            Reseeded::Seeded {
+                epoch: store.head().await.unwrap().0,
+                head: 1
+            }
+        );
+        assert_ne!(store.head().await.unwrap().0, before);
         assert_eq!(
             committed(&store, "a", "3").await,
             2,
             "a revision in the new epoch"
         );
         remove_keys(REDIS, &prefix).await;
+    }
+
+    async fn command(url: &str, args: &[&str]) -> redis::Value {
+        let client = Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut command = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            command.arg(*arg);
+        }
+        command.query_async(&mut connection).await.unwrap()
+    }
+
+    /// The put a core holds for `worker` at `version` (code = the version's bytes).
+    fn held_put(worker: &str, version: &str, revision: Revision) -> Change {
+        Change {
+            revision,
+            kind: ChangeKind::Put,
+            worker: WorkerName::parse(worker).unwrap(),
+            version: Version::parse(version).unwrap(),
+            checksum: Checksum::of(version.as_bytes()),
+            size: version.len() as u64,
+            timestamp_ms: 1,
+        }
+    }
+
+    /// Polls `args` on `url` until `done` holds for the reply (10 s at most).
+    async fn until_reply(url: &str, args: &[&str], done: impl Fn(&redis::Value) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = command(url, args).await;
+            if done(&reply) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{args:?} on {url}: {reply:?}");
+            // Polling a condition Redis announces nowhere, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A primary and its replica (unpersisted, each `(port, process)`), once it is online.
+    async fn primary_and_replica() -> ((u16, TestRedis), (u16, TestRedis)) {
+        let (primary_port, replica_port) = (free_port(), free_port());
+        let primary = start_redis(primary_port).await;
+        let primary_port_text = primary_port.to_string();
+        let replica = start_redis_with(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port_text],
+        )
+        .await;
+        let primary_url = format!("redis://127.0.0.1:{primary_port}");
+        until_reply(&primary_url, &["INFO", "replication"], |info| {
+            let info: String = redis::from_redis_value(info.clone()).unwrap_or_default();
+            info.contains("connected_slaves:1") && info.contains("state=online")
+        })
+        .await;
+        ((primary_port, primary), (replica_port, replica))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_min_replicas_a_change_is_acknowledged_only_once_a_replica_holds_it() {
+        let ((primary_port, _primary), (replica_port, mut replica)) = primary_and_replica().await;
+        let primary_url = format!("redis://127.0.0.1:{primary_port}");
+        let replica_url = format!("redis://127.0.0.1:{replica_port}");
+        let primary_port_text = primary_port.to_string();
+        let prefix = fresh_prefix();
+        let mut config = config(&primary_url, &prefix);
+        config.min_replicas = 1;
+        config.response_timeout = Duration::from_millis(800);
+        let store = RedisStore::connect(config).unwrap();
+        let epoch = store.load().await.unwrap().epoch;
+        assert_eq!(committed(&store, "a", "1").await, 1);
+        assert_eq!(committed(&store, "a", "2").await, 2);
+
+        // The replica, promoted, holds every acknowledged change in the same epoch.
+        command(&replica_url, &["REPLICAOF", "NO", "ONE"]).await;
+        let promoted = open(&replica_url, &prefix);
+        assert_eq!(promoted.head().await.unwrap(), (epoch.clone(), 2));
+
+        // With no replica left, a change is not acknowledged, and says why.
+        replica.kill().await.unwrap();
+        let result = store.apply(put("a", "3", b"3"), 1).await;
+        match result {
+            Err(StoreError::Unavailable(why)) => {
+                assert!(why.contains("--redis-min-replicas"), "{why}")
+            }
+            other => panic!("acknowledged without a replica: {other:?}"),
+        }
+        // A retry once a replica is back answers with the revision it got.
+        let _replica = start_redis_with(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port_text],
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.apply(put("a", "3", b"3"), 1).await {
+                Ok(Outcome::Unchanged(change)) => {
+                    assert_eq!(change.revision, 3);
+                    break;
+                }
+                other => assert!(Instant::now() < deadline, "never acknowledged: {other:?}"),
+            }
+            // Retrying while the replica resynchronises, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A Redis Sentinel on `port` watching `primary_port` as `wpmaster`, failing over after
+    /// 500 ms; answers PING when this returns.
+    async fn start_sentinel(port: u16, primary_port: u16, dir: &std::path::Path) -> TestRedis {
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor wpmaster 127.0.0.1 {primary_port} 1\n\
+                 sentinel down-after-milliseconds wpmaster 500\n\
+                 sentinel failover-timeout wpmaster 2000\n"
+            ),
+        )
+        .unwrap();
+        redis_server(&[config.to_str().unwrap(), "--sentinel"], port).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sentinel_url_follows_a_failover_without_a_restart() {
+        let ((primary_port, mut primary), (replica_port, _replica)) = primary_and_replica().await;
+        let sentinel_port = free_port();
+        let sentinel_url = format!("redis://127.0.0.1:{sentinel_port}");
+        let dir = tempfile::tempdir().unwrap();
+        let _sentinel = start_sentinel(sentinel_port, primary_port, dir.path()).await;
+        // The sentinel must know the replica (it learns it from the primary) to fail over.
+        until_reply(
+            &sentinel_url,
+            &["SENTINEL", "REPLICAS", "wpmaster"],
+            |replicas| matches!(replicas, redis::Value::Array(r) if !r.is_empty()),
+        )
+        .await;
+        let prefix = fresh_prefix();
+        let mut config = config(
+            &format!("redis+sentinel://127.0.0.1:{sentinel_port}/wpmaster"),
+            &prefix,
+        );
+        config.response_timeout = Duration::from_millis(800);
+        let store = RedisStore::connect(config).unwrap();
+        let epoch = store.load().await.unwrap().epoch;
+        assert_eq!(committed(&store, "a", "1").await, 1);
+
+        primary.kill().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let revision = loop {
+            match store.apply(put("a", "2", b"2"), 1).await {
+                Ok(Outcome::Committed(change)) => break change.revision,
+                other => assert!(Instant::now() < deadline, "never failed over: {other:?}"),
+            }
+            // Retrying while the sentinel fails over, bounded by the deadline.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(revision, 2, "the same history, on the promoted replica");
+        assert_eq!(store.head().await.unwrap(), (epoch, 2));
+        let promoted = format!("redis://127.0.0.1:{replica_port}");
+        let role = command(&promoted, &["ROLE"]).await;
+        assert!(format!("{role:?}").contains("master"), "{role:?}");
     }
 }

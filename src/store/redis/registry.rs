@@ -33,12 +33,12 @@ use std::{
     time::Duration,
 };
 
-use redis::{Script, aio::ConnectionManager};
+use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{corrupt, store_error};
+use super::{corrupt, link::Link, store_error};
 use crate::{
     core::types::{ConsumerId, Revision},
     store::{ConsumerRecord, StoreError},
@@ -49,7 +49,7 @@ const BATCH: usize = 256;
 
 /// The registry of one store: unwritten saves and how to write them.
 pub(super) struct Registry {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     key: String,
     script: Script,
     response_timeout: Duration,
@@ -80,13 +80,9 @@ impl Waiting {
 }
 
 impl Registry {
-    pub(super) fn new(
-        connection: ConnectionManager,
-        key: String,
-        response_timeout: Duration,
-    ) -> Self {
+    pub(super) fn new(link: Arc<Link>, key: String, response_timeout: Duration) -> Self {
         Self {
-            connection,
+            link,
             key,
             script: Script::new(MERGE),
             response_timeout,
@@ -127,13 +123,15 @@ impl Registry {
                 .cloned()
                 .collect()
         };
-        let mut connection = self.connection.clone();
         let mut command = redis::cmd("HGETALL");
         command.arg(&self.key);
         let query = async {
+            let (generation, mut connection) = self.link.manager().await?;
             match command.query_async(&mut connection).await {
                 // Reads are safe to repeat: once more after a broken connection.
                 Err(e) if e.is_io_error() || e.is_connection_refusal() => {
+                    self.link.failed(generation, &e).await;
+                    let (_, mut connection) = self.link.manager().await?;
                     command.query_async(&mut connection).await
                 }
                 other => other,
@@ -206,11 +204,18 @@ impl Registry {
             let json = entry.encode()?;
             invocation.arg(entry.record.id.as_str()).arg(json);
         }
-        let mut connection = self.connection.clone();
         let attempts = async {
+            let (generation, mut connection) = self.link.manager().await?;
             match invocation.invoke_async(&mut connection).await {
-                // The merge is idempotent: once more after a broken connection.
-                Err(e) if e.is_io_error() || e.is_connection_refusal() => {
+                // The merge is idempotent: once more after a broken connection (or a
+                // read-only replica after a failover).
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_connection_refusal()
+                        || e.code() == Some("READONLY") =>
+                {
+                    self.link.failed(generation, &e).await;
+                    let (_, mut connection) = self.link.manager().await?;
                     invocation.invoke_async(&mut connection).await
                 }
                 other => other,
