@@ -85,6 +85,15 @@ pub struct CoreArgs {
     /// refused (503) rather than left waiting.
     #[arg(long, env = "REDIS_RESPONSE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub redis_response_timeout: Duration,
+    /// This core's name in the fleet, shown with every consumer it serves (default: `core-`
+    /// and 8 random hex digits, new at every start). Unique per core.
+    #[arg(long, env = "CORE_ID", value_parser = parse_core_id)]
+    pub core_id: Option<String>,
+    /// How long a consumer that disconnected without registering still counts (pending) among
+    /// the subscribers of the workers it followed. A registered one counts until it
+    /// deregisters.
+    #[arg(long, env = "REMEMBER_DEPARTED", default_value = "5m", value_parser = parse_duration)]
+    pub remember_departed: Duration,
     /// Concurrent gRPC streams (subscriptions and fetches) this core serves.
     #[arg(long, env = "GRPC_MAX_STREAMS", default_value_t = 1000)]
     pub grpc_max_streams: usize,
@@ -229,6 +238,10 @@ pub struct WatchArgs {
     /// One JSON object per event instead of text.
     #[arg(long)]
     pub json: bool,
+    /// On a clean exit (SIGTERM, Ctrl-C), deregister: this host stops counting among the
+    /// workers' subscribers.
+    #[arg(long, env = "WATCH_DEREGISTER")]
+    pub deregister: bool,
 }
 
 /// `workerpush certs`.
@@ -363,6 +376,21 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A core id: 1 to 64 characters of `[A-Za-z0-9._-]` (it names Redis keys and log fields).
+pub fn parse_core_id(text: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "core id {text:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h` (or plain seconds).

@@ -53,13 +53,13 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), Cli
             let tls = tls::client_config(&args.ca, &args.cert, &args.key, ClientTlsPurpose::Grpc)
                 .map_err(|e| ClientError::Config(e.to_string()))?;
             let transport = GrpcTransport::new(&args.addr, tls)?;
-            run_with(transport, options, position, &mut handler, shutdown).await
+            run_with(transport, options, position, &mut handler, shutdown, &args).await
         }
         TransportKind::Quic => {
             let tls = tls::client_config(&args.ca, &args.cert, &args.key, ClientTlsPurpose::Quic)
                 .map_err(|e| ClientError::Config(e.to_string()))?;
             let transport = QuicTransport::new(&args.addr, tls)?;
-            run_with(transport, options, position, &mut handler, shutdown).await
+            run_with(transport, options, position, &mut handler, shutdown, &args).await
         }
     }
 }
@@ -70,10 +70,14 @@ async fn run_with<T: Transport>(
     position: Option<Position>,
     handler: &mut WatchHandler,
     shutdown: CancellationToken,
+    args: &WatchArgs,
 ) -> Result<(), ClientError> {
-    Consumer::new(transport, options, position)
-        .run(handler, shutdown)
-        .await
+    let mut consumer = Consumer::new(transport, options, position);
+    consumer.run(handler, shutdown).await?;
+    if args.deregister {
+        consumer.deregister().await?;
+    }
+    Ok(())
 }
 
 struct WatchHandler {

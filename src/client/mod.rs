@@ -25,8 +25,8 @@ pub use grpc::GrpcTransport;
 pub use quic::QuicTransport;
 
 use crate::pb::{
-    AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
-    RegisterResponse, SubscribeRequest, WorkerUpdate,
+    AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
+    ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerUpdate,
 };
 
 /// What went wrong on the client side.
@@ -77,6 +77,16 @@ pub trait Session: Send + Sync {
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError>;
     /// Registers the consumer.
     async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError>;
+    /// Deregisters the consumer: it stops counting among the workers' subscribers.
+    async fn deregister(
+        &self,
+        request: DeregisterRequest,
+    ) -> Result<DeregisterResponse, ClientError> {
+        let _ = request;
+        Err(ClientError::Config(
+            "this session cannot deregister".to_owned(),
+        ))
+    }
     /// Lists the latest versions.
     async fn list(&self, request: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError>;
 }

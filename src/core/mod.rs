@@ -9,6 +9,7 @@
 //! changes committed by other cores sharing the store arrive the same way.
 
 pub mod error;
+mod fleet;
 pub mod hub;
 pub mod propagation;
 pub mod subscription;
@@ -30,9 +31,10 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use error::{Coded, ErrorCode, InvalidInput, PublishError, RequestError};
+pub use fleet::{ASK_WITHIN, PUBLISH_INTERVAL};
 pub use propagation::{
-    Acked, ConsumerStatus, Failed, Pending, Propagation, PropagationState, PropagationSummary,
-    WorkerFailure,
+    Acked, ConsumerStatus, CoreCounts, Failed, Pending, Propagation, PropagationState,
+    PropagationSummary, WorkerFailure,
 };
 pub use subscription::{Ended, Start, SubscriberInfo, Subscription};
 pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, WorkerName};
@@ -43,7 +45,9 @@ use self::{
 };
 use crate::{
     pb::WorkerUpdate,
-    store::{Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Store, StoreError, Tail},
+    store::{
+        Change, ChangeKind, ConsumerRecord, Fleet, News, Outcome, Proposal, Store, StoreError, Tail,
+    },
 };
 
 /// How often, at most, waiting for a propagation looks again while answers arrive. A look goes
@@ -68,8 +72,11 @@ pub struct CoreConfig {
     /// How often the follower polls the store when no hint arrives.
     pub poll_interval: Duration,
     /// How long a consumer that disconnected still counts as a subscriber (pending) of the
-    /// workers it followed, so that one resuming after a blip is waited for.
+    /// workers it followed, so that one resuming after a blip is waited for. A consumer that
+    /// registered counts until it deregisters, however long it is away.
     pub remember_departed: Duration,
+    /// This core's name in the fleet, shown with every consumer it serves.
+    pub core_id: Arc<str>,
 }
 
 impl Default for CoreConfig {
@@ -82,6 +89,7 @@ impl Default for CoreConfig {
             progress_interval: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             remember_departed: Duration::from_secs(300),
+            core_id: default_core_id().into(),
         }
     }
 }
@@ -206,13 +214,26 @@ pub struct Core {
     follower: Mutex<Option<JoinHandle<()>>>,
     /// Wakes the follower to read the store now (a client is ahead of this core).
     poke: tokio::sync::Notify,
+    /// The other cores sharing the store, if any.
+    fleet: Option<Arc<dyn Fleet>>,
+    fleet_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Core {
     /// Loads the durable state and starts following the store.
     pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Arc<Self>, StoreError> {
+        Self::open_in_fleet(store, config, None).await
+    }
+
+    /// [`Core::open`], as one of the cores linked by `fleet` (cores sharing one Redis): its
+    /// propagation views are then the fleet's.
+    pub async fn open_in_fleet(
+        store: Arc<dyn Store>,
+        config: CoreConfig,
+        fleet: Option<Arc<dyn Fleet>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let recovered = store.load().await?;
-        let registry = store
+        let registry: HashMap<ConsumerId, ConsumerRecord> = store
             .consumers()
             .await?
             .into_iter()
@@ -229,7 +250,15 @@ impl Core {
             Vec::new(),
             retention,
         );
-        let tracker = Arc::new(Tracker::new(config.remember_departed));
+        let tracker = Arc::new(Tracker::new(
+            config.remember_departed,
+            config.core_id.clone(),
+        ));
+        for record in registry.values() {
+            if !record.endpoint.is_empty() || !record.labels.is_empty() {
+                tracker.registered(record.id.clone());
+            }
+        }
         let core = Arc::new(Self {
             store,
             hub: Arc::new(empty),
@@ -242,6 +271,8 @@ impl Core {
             store_healthy: AtomicBool::new(true),
             follower: Mutex::new(None),
             poke: tokio::sync::Notify::new(),
+            fleet: fleet.clone(),
+            fleet_tasks: Mutex::new(Vec::new()),
         });
         core.install(
             recovered.epoch,
@@ -253,6 +284,9 @@ impl Core {
         tracing::info!(epoch = %core.epoch(), head = core.head(), workers = core.hub.read().live_workers(), "core opened");
         let follower = tokio::spawn(core.clone().follow());
         *lock(&core.follower) = Some(follower);
+        if let Some(fleet) = &fleet {
+            core.join_fleet(fleet);
+        }
         Ok(core)
     }
 
@@ -264,6 +298,7 @@ impl Core {
         if let Some(follower) = follower {
             let _ = follower.await;
         }
+        self.leave_fleet().await;
         self.store.close().await;
     }
 
@@ -435,6 +470,7 @@ impl Core {
             delivered: AtomicU64::new(0),
         });
         self.tracker.subscribed(info.clone());
+        self.tell_fleet(News::Subscribed(info.consumer_id.clone()));
         let tracker = self.tracker.clone();
         let transport = params.transport;
         metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
@@ -490,7 +526,12 @@ impl Core {
             let now = std::time::Instant::now();
             let answered = self.tracker.answered(worker, revision, &mut look, now);
             if let Some(answered) = answered {
-                return answered;
+                if self.fleet.is_none() {
+                    return answered;
+                }
+                if self.others_answered(worker, revision).await {
+                    return self.fleet_propagation_of(answered, worker, revision).await;
+                }
             }
             if self.is_shutting_down() {
                 break;
@@ -506,7 +547,8 @@ impl Core {
                 () = self.shutdown.cancelled() => break,
             }
         }
-        self.tracker.propagation(worker, revision)
+        let mine = self.tracker.propagation(worker, revision);
+        self.fleet_propagation_of(mine, worker, revision).await
     }
 
     /// A live worker's latest version and where it stands.
@@ -635,7 +677,21 @@ impl Core {
             record.clone()
         };
         self.store.save_consumer(&record).await?;
+        self.tracker.registered(record.id.clone());
+        self.tell_fleet(News::Registered(record.id));
         Ok(())
+    }
+
+    /// Forgets `consumer`'s registration on every core: it no longer counts among any
+    /// worker's subscribers once it has no live subscription. Answers whether it was known.
+    pub async fn deregister(&self, consumer: &ConsumerId) -> Result<bool, RequestError> {
+        let in_registry = lock(&self.registry).remove(consumer).is_some();
+        let stored = self.store.remove_consumer(consumer).await?;
+        let tracked = self.tracker.forget(consumer);
+        self.tell_fleet(News::Deregistered(consumer.clone()));
+        tracing::info!(%consumer, "consumer deregistered");
+        metrics::counter!("workerpush_deregistrations_total").increment(1);
+        Ok(in_registry || stored || tracked)
     }
 
     /// Records an acknowledgement.
@@ -754,12 +810,14 @@ impl Core {
                 for change in changes {
                     entries.push(Arc::new(self.entry(change, &epoch).await?));
                 }
+                let workers: Vec<WorkerName> =
+                    entries.iter().map(|e| e.change.worker.clone()).collect();
                 if !self.hub.append(entries) {
                     return Err(StoreError::Corrupt(
                         "store returned changes that do not follow the head".to_owned(),
                     ));
                 }
-                self.tracker.bump();
+                self.tracker.changed_workers(Some(workers.iter()));
                 Ok(true)
             }
             _ => {
@@ -803,7 +861,8 @@ impl Core {
             tail_entries.push(entry);
         }
         self.hub.replace(epoch, head, latest_entries, tail_entries);
-        self.tracker.bump();
+        self.tracker
+            .changed_workers(None::<std::iter::Empty<&WorkerName>>);
         Ok(())
     }
 
@@ -858,6 +917,11 @@ fn new_record(id: ConsumerId, now: i64) -> ConsumerRecord {
         last_seen_ms: now,
         last_acked_revision: 0,
     }
+}
+
+/// A core id for a core not given one: `core-` and 8 random hex digits.
+pub fn default_core_id() -> String {
+    format!("core-{}", hex::encode(rand::random::<[u8; 4]>()))
 }
 
 /// Unix milliseconds now.

@@ -401,6 +401,20 @@ impl Store for FileStore {
         Ok(())
     }
 
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        self.check()?;
+        let removed = {
+            let mut registry = lock(&self.shared.registry);
+            let removed = registry.records.remove(id).is_some();
+            registry.dirty |= removed;
+            removed
+        };
+        if removed {
+            self.shared.registry_changed.notify_one();
+        }
+        Ok(removed)
+    }
+
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
         self.check()?;
         Ok(lock(&self.shared.registry)

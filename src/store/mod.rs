@@ -10,6 +10,7 @@
 
 pub mod conformance;
 mod file;
+mod fleet;
 mod memory;
 mod redis;
 mod state;
@@ -23,6 +24,9 @@ use tokio::sync::watch;
 
 pub use self::redis::{RedisConfig, RedisStore};
 pub use file::{FileStore, FileStoreConfig};
+pub use fleet::{
+    CoreView, DEAD_AFTER, Fleet, HEARTBEAT, Heard, News, RedisFleet, RedisFleetConfig,
+};
 pub use memory::MemoryStore;
 pub use state::StateMachine;
 
@@ -213,6 +217,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every consumer the registry knows.
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError>;
+
+    /// Removes a consumer's registry entry (deregistration); answers whether there was one.
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError>;
 
     /// Flushes what is buffered and stops background work (shutdown). Nothing committed is
     /// ever buffered: this concerns the consumer registry only.

@@ -80,7 +80,7 @@ use self::registry::Registry;
 use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Store, StoreError, Tail,
 };
-use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
+use crate::core::types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerName};
 
 /// How to reach Redis and where to keep the state in it.
 #[derive(Clone, Debug)]
@@ -166,26 +166,14 @@ impl RedisStore {
     /// `response_timeout`) while Redis cannot be reached. Fails only on an invalid URL or
     /// outside a Tokio runtime.
     pub fn connect(config: RedisConfig) -> Result<Self, StoreError> {
-        let invalid = |what: String| {
-            StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
-        };
-        // The URL may hold a password: name the problem, never the URL.
-        let client =
-            Client::open(config.url.as_str()).map_err(|e| invalid(format!("redis url: {e}")))?;
         if config.key_prefix.is_empty() {
-            return Err(invalid("redis key prefix is empty".to_owned()));
+            return Err(invalid_config("redis key prefix is empty".to_owned()));
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| invalid(format!("redis store needs a Tokio runtime: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            // Few, short retries inside the manager: each operation is bounded by the response
-            // timeout anyway, and a failed reconnect is retried by the next operation.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| invalid(format!("redis connection: {e}")))?;
+        let Connected {
+            client,
+            connection,
+            runtime,
+        } = Connected::lazily(&config.url, config.connect_timeout, config.response_timeout)?;
 
         let keys = Keys::new(&config.key_prefix);
         let head = watch::Sender::new(0);
@@ -310,6 +298,46 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// A Redis client, its managed connection (made on first use), and the runtime to spawn on.
+pub(crate) struct Connected {
+    pub(crate) client: Client,
+    pub(crate) connection: ConnectionManager,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+impl Connected {
+    /// Opens `url` without waiting for Redis. Fails only on an invalid URL or outside a Tokio
+    /// runtime.
+    pub(crate) fn lazily(
+        url: &str,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        // The URL may hold a password: name the problem, never the URL.
+        let client = Client::open(url).map_err(|e| invalid_config(format!("redis url: {e}")))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| invalid_config(format!("redis needs a Tokio runtime: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(response_timeout))
+            // Few, short retries inside the manager: each operation is bounded by the response
+            // timeout anyway, and a failed reconnect is retried by the next operation.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| invalid_config(format!("redis connection: {e}")))?;
+        Ok(Self {
+            client,
+            connection,
+            runtime,
+        })
+    }
+}
+
+fn invalid_config(what: String) -> StoreError {
+    StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
 }
 
 /// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
@@ -564,6 +592,10 @@ impl Store for RedisStore {
 
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
         self.registry.read().await
+    }
+
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        self.registry.remove(id).await
     }
 
     /// Writes the registry saves that wait; the background tasks stop when the store is
