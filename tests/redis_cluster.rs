@@ -1397,3 +1397,48 @@ async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_c
     assert_eq!(answer["propagation"]["state"], "pending", "{answer}");
     assert_eq!(answer["propagation"]["pending"][0]["core"], core_b.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_a_core_killed_with_kill_9_count_as_pending_on_the_others() {
+    let redis = PrivateRedis::start().await;
+    let mut cluster = Cluster::start(&redis.url(), 2);
+    let a = cluster.http(0);
+    let mut edge = common::HandConsumer::subscribe(
+        &cluster.certs,
+        cluster.grpc(1),
+        "consumer-1/edge-b",
+        &["app"],
+        None,
+    )
+    .await;
+    let core_b = own_core_id(cluster.http(1), "consumer-1/edge-b").await;
+    let upload = tokio::spawn(async move {
+        common::hook_put_query(a, HOOK_SECRET, "?wait=5s", "app", "1", b"v1").await
+    });
+    let put = edge.next_change().await;
+    edge.ack(&put, None).await;
+    let (_, answer) = upload.await.unwrap();
+    assert_eq!(answer["propagation"]["state"], "complete", "{answer}");
+
+    cluster.cores[1].kill9();
+    let (status, answer) =
+        common::hook_put_query(a, HOOK_SECRET, "?wait=500ms", "app", "2", b"v2").await;
+    assert_eq!(status, 201, "{answer}");
+    let propagation = &answer["propagation"];
+    assert_eq!(propagation["state"], "pending", "{answer}");
+    assert_eq!(propagation["subscribers"], 1, "{answer}");
+    assert_eq!(
+        propagation["unlisted"][0]["core"],
+        core_b.as_str(),
+        "{answer}"
+    );
+    assert_eq!(
+        propagation["unlisted"][0]["summary"]["pending"], 1,
+        "{answer}"
+    );
+    let (_, workers) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/workers").await;
+    assert_eq!(
+        workers["workers"][0]["propagation"]["pending"], 1,
+        "{workers}"
+    );
+}

@@ -421,3 +421,59 @@ fn unlisted(view: &CoreView, mut summary: PropagationSummary, revision: Revision
         summary,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::PropagationState;
+
+    fn view(alive: bool) -> CoreView {
+        CoreView {
+            core: "core-b".to_owned(),
+            alive,
+            aggregates: Vec::new(),
+        }
+    }
+
+    fn summary(revision: Revision, subscribers: usize, pending: usize) -> PropagationSummary {
+        PropagationSummary {
+            revision,
+            state: state_of(pending, 0),
+            subscribers,
+            acked: subscribers - pending,
+            pending,
+            failed: 0,
+        }
+    }
+
+    #[test]
+    fn another_core_has_answered_only_once_it_saw_the_revision_and_nobody_is_pending() {
+        let live = view(true);
+        assert!(
+            !remote_answered(&live, None, 5),
+            "not written yet: wait for it"
+        );
+        assert!(
+            !remote_answered(&live, Some(&summary(4, 0, 0)), 5),
+            "has not seen 5"
+        );
+        assert!(!remote_answered(&live, Some(&summary(5, 2, 1)), 5));
+        assert!(remote_answered(&live, Some(&summary(5, 2, 0)), 5));
+        assert!(remote_answered(&live, Some(&summary(6, 2, 0)), 5));
+    }
+
+    #[test]
+    fn a_dead_core_counts_its_subscribers_as_pending_until_forgotten() {
+        let dead = view(false);
+        assert!(remote_answered(&dead, None, 5), "nobody to wait for");
+        assert!(remote_answered(&dead, Some(&summary(4, 0, 0)), 5));
+        assert!(!remote_answered(&dead, Some(&summary(4, 3, 0)), 5));
+        let counts = unlisted(&dead, summary(4, 3, 0), 5);
+        assert_eq!((counts.summary.pending, counts.summary.acked), (3, 0));
+        assert_eq!(counts.summary.state, PropagationState::Pending);
+        assert!(!counts.alive);
+        // It had answered this revision before it died: that stands.
+        let counts = unlisted(&dead, summary(5, 3, 0), 5);
+        assert_eq!(counts.summary.state, PropagationState::Complete);
+    }
+}

@@ -986,6 +986,78 @@ mod tests {
     }
 
     #[test]
+    fn a_registered_consumer_outlives_remember_until_it_is_forgotten() {
+        let (tracker, worker, a, b) = app_and_two_edges();
+        let (registered, plain) = (a.consumer_id.clone(), b.consumer_id.clone());
+        tracker.registered(registered.clone());
+        tracker.subscribed(a);
+        tracker.subscribed(b);
+        tracker.unsubscribed(1);
+        tracker.unsubscribed(2);
+        let left = departed_at(&tracker, &plain).unwrap();
+        {
+            let mut state = lock(&tracker.state);
+            tracker.forget_old(&mut state, left + REMEMBER * 10);
+            assert!(state.knows(&registered) && !state.knows(&plain));
+        }
+        let mut look = Look::default();
+        assert!(
+            tracker
+                .answered(&worker, 1, &mut look, left + REMEMBER * 10)
+                .is_none(),
+            "the registered consumer is still waited for"
+        );
+        assert_eq!(look.pending, std::slice::from_ref(&registered));
+        assert!(tracker.forget(&registered));
+        let done = tracker
+            .answered(&worker, 1, &mut look, left + REMEMBER * 10)
+            .unwrap();
+        assert_eq!(
+            (done.state, done.subscribers),
+            (PropagationState::Complete, 0)
+        );
+        assert!(!tracker.forget(&registered), "nothing left to forget");
+    }
+
+    #[test]
+    fn merging_two_cores_lists_a_moved_consumer_once_by_its_best_answer() {
+        let (one, worker, a, b) = app_and_two_edges();
+        let other = Tracker::new(REMEMBER, "core-other".into());
+        let (moved, stays) = (a.consumer_id.clone(), b.consumer_id.clone());
+        // `a` left `one` (pending there) and acked on `other`; `b` is pending on `one`.
+        one.subscribed(a.clone());
+        one.subscribed(b);
+        one.unsubscribed(1);
+        other.subscribed(info(7, "edge/a"));
+        assert!(other.record(&moved, &worker, 1, Ok(()), Some(3)));
+        let mut fleet = one.propagation(&worker, 1);
+        fleet.merge(other.propagation(&worker, 1));
+        assert_eq!(fleet.subscribers, 2);
+        assert_eq!(fleet.acked.len(), 1);
+        assert_eq!(fleet.acked[0].consumer_id, moved);
+        assert_eq!(&*fleet.acked[0].core, "core-other");
+        assert_eq!(fleet.pending.len(), 1);
+        assert_eq!(fleet.pending[0].consumer_id, stays);
+        assert_eq!(&*fleet.pending[0].core, "core-test");
+        assert_eq!(fleet.state, PropagationState::Pending);
+
+        // A core counted but not listed keeps the state pending while it has pending ones.
+        assert!(one.record(&stays, &worker, 1, Ok(()), None));
+        let mut fleet = one.propagation(&worker, 1);
+        fleet.merge(other.propagation(&worker, 1));
+        assert_eq!(fleet.state, PropagationState::Complete);
+        let mut summary = fleet.summary();
+        summary.pending = 2;
+        fleet.count_unlisted(CoreCounts {
+            core: "core-dead".into(),
+            alive: false,
+            summary,
+        });
+        assert_eq!(fleet.state, PropagationState::Pending);
+        assert_eq!(fleet.summary().pending, 2);
+    }
+
+    #[test]
     fn departures_of_a_flapping_consumer_stay_bounded() {
         let tracker = Tracker::new(REMEMBER, "core-test".into());
         for id in 0..10_000 {
