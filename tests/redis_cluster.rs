@@ -1441,4 +1441,39 @@ async fn consumers_of_a_core_killed_with_kill_9_count_as_pending_on_the_others()
         workers["workers"][0]["propagation"]["pending"], 1,
         "{workers}"
     );
+
+    // It resumes on A: once B is taken for dead, B no longer counts it, and A's wait completes
+    // with its ack alone.
+    let epoch = answer["epoch"].as_str().unwrap().to_owned();
+    let mut resumed = common::HandConsumer::subscribe(
+        &cluster.certs,
+        cluster.grpc(0),
+        "consumer-1/edge-b",
+        &["app"],
+        Some((&epoch, put.revision)),
+    )
+    .await;
+    let started = Instant::now();
+    let upload = tokio::spawn(async move {
+        common::hook_put_query(a, HOOK_SECRET, "?wait=15s", "app", "3", b"v3").await
+    });
+    let v3 = loop {
+        let update = resumed.next_change().await;
+        if update.version == "3" {
+            break update;
+        }
+        resumed.ack(&update, None).await;
+    };
+    resumed.ack(&v3, None).await;
+    let (_, answer) = upload.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered once B was taken for dead (5 s), not at the wait's deadline: {:?}",
+        started.elapsed()
+    );
+    let propagation = &answer["propagation"];
+    assert_eq!(propagation["state"], "complete", "{answer}");
+    assert_eq!(propagation["subscribers"], 1, "{answer}");
+    let core_a = own_core_id(a, "consumer-1/edge-b").await;
+    assert_eq!(propagation["acked"][0]["core"], core_a.as_str(), "{answer}");
 }

@@ -80,6 +80,23 @@ impl Core {
         }
     }
 
+    /// Tells the other cores that `info`'s consumer subscribed here, and records where it is
+    /// (so that a dead core it left stops counting it), in the background.
+    pub(super) fn arrived_in_fleet(&self, info: &super::SubscriberInfo) {
+        if let Some(fleet) = &self.fleet {
+            let fleet = fleet.clone();
+            let consumer = info.consumer_id.clone();
+            let workers = info.filter.names().map(<[WorkerName]>::to_vec);
+            tokio::spawn(async move {
+                let told = fleet.tell(&News::Subscribed(consumer.clone())).await;
+                let recorded = fleet.arrived(&consumer, workers.as_deref()).await;
+                if let Err(error) = told.and(recorded) {
+                    tracing::warn!(%error, %consumer, "could not tell the other cores of a subscription");
+                }
+            });
+        }
+    }
+
     /// Writes this core's aggregates of the workers whose propagation changed, coalesced.
     async fn publish_aggregates(self: Arc<Self>, fleet: Arc<dyn Fleet>) {
         let mut changes = self.tracker.watch();
@@ -230,9 +247,10 @@ impl Core {
             return true;
         };
         match fleet.views(std::slice::from_ref(worker)).await {
-            Ok(views) => views
-                .iter()
-                .all(|view| remote_answered(view, aggregate(view, 0).as_ref(), revision)),
+            Ok(views) => views.iter().all(|view| {
+                let summary = aggregate(view, 0).map(|s| unlisted(view, s, revision, 0).summary);
+                remote_answered(view, summary.as_ref(), revision)
+            }),
             Err(error) => {
                 tracing::debug!(%error, "other cores' aggregates unreadable; still waiting");
                 false
@@ -272,7 +290,7 @@ impl Core {
             Ok(views) => {
                 for view in views.iter().filter(|v| !answered.contains(&v.core)) {
                     if let Some(summary) = aggregate(view, 0) {
-                        mine.count_unlisted(unlisted(view, summary, revision));
+                        mine.count_unlisted(unlisted(view, summary, revision, 0));
                     }
                 }
             }
@@ -356,7 +374,10 @@ impl Core {
             for (i, (_, revision)) in chunk.iter().enumerate() {
                 for view in &views {
                     if let Some(summary) = aggregate(view, i) {
-                        fold(batch * VIEWS_BATCH + i, unlisted(view, summary, *revision));
+                        fold(
+                            batch * VIEWS_BATCH + i,
+                            unlisted(view, summary, *revision, i),
+                        );
                     }
                 }
             }
@@ -405,14 +426,28 @@ fn remote_answered(
     }
 }
 
-/// `view`'s counts as seen from `revision`: subscribers of a core that has not seen it yet
-/// are pending, and so are a dead core's that had not answered.
-fn unlisted(view: &CoreView, mut summary: PropagationSummary, revision: Revision) -> CoreCounts {
+/// `view`'s counts (its `index`th aggregate) as seen from `revision`: subscribers of a core
+/// that has not seen it yet are pending, and so are a dead core's that had not answered,
+/// except those that subscribed elsewhere since it died (counted where they are now).
+fn unlisted(
+    view: &CoreView,
+    mut summary: PropagationSummary,
+    revision: Revision,
+    index: usize,
+) -> CoreCounts {
     if summary.revision < revision {
         (summary.pending, summary.acked, summary.failed) = (summary.subscribers, 0, 0);
     } else if !view.alive && summary.pending > 0 {
         summary.pending = summary.subscribers.saturating_sub(summary.failed);
         summary.acked = 0;
+    }
+    if !view.alive {
+        let moved = view.moved.get(index).copied().unwrap_or(0);
+        let moved = usize::try_from(moved)
+            .unwrap_or(usize::MAX)
+            .min(summary.subscribers);
+        summary.subscribers -= moved;
+        summary.pending = summary.pending.saturating_sub(moved);
     }
     summary.state = state_of(summary.pending, summary.failed);
     CoreCounts {
@@ -432,6 +467,7 @@ mod tests {
             core: "core-b".to_owned(),
             alive,
             aggregates: Vec::new(),
+            moved: vec![0],
         }
     }
 
@@ -468,12 +504,21 @@ mod tests {
         assert!(remote_answered(&dead, None, 5), "nobody to wait for");
         assert!(remote_answered(&dead, Some(&summary(4, 0, 0)), 5));
         assert!(!remote_answered(&dead, Some(&summary(4, 3, 0)), 5));
-        let counts = unlisted(&dead, summary(4, 3, 0), 5);
+        let counts = unlisted(&dead, summary(4, 3, 0), 5, 0);
         assert_eq!((counts.summary.pending, counts.summary.acked), (3, 0));
         assert_eq!(counts.summary.state, PropagationState::Pending);
         assert!(!counts.alive);
         // It had answered this revision before it died: that stands.
-        let counts = unlisted(&dead, summary(5, 3, 0), 5);
+        let counts = unlisted(&dead, summary(5, 3, 0), 5, 0);
+        assert_eq!(counts.summary.state, PropagationState::Complete);
+        // Two of three resumed on another core since: one is still pending here.
+        let moved = CoreView {
+            moved: vec![2],
+            ..view(false)
+        };
+        let counts = unlisted(&moved, summary(4, 3, 0), 5, 0);
+        assert_eq!((counts.summary.subscribers, counts.summary.pending), (1, 1));
+        let counts = unlisted(&moved, summary(4, 2, 0), 5, 0);
         assert_eq!(counts.summary.state, PropagationState::Complete);
     }
 }

@@ -470,7 +470,7 @@ impl Core {
             delivered: AtomicU64::new(0),
         });
         self.tracker.subscribed(info.clone());
-        self.tell_fleet(News::Subscribed(info.consumer_id.clone()));
+        self.arrived_in_fleet(&info);
         let tracker = self.tracker.clone();
         let transport = params.transport;
         metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
@@ -537,8 +537,12 @@ impl Core {
                 break;
             }
             let next = looked + PROPAGATION_LOOK_INTERVAL.max(looked.elapsed() * 8);
+            // Other cores' heartbeats stop without a signal: with a fleet, look again now and
+            // then, so that a core taken for dead meanwhile is counted as such.
+            let recheck = looked + crate::store::HEARTBEAT;
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(recheck), if self.fleet.is_some() => {}
                 () = tokio::time::sleep_until(deadline) => break,
                 () = self.shutdown.cancelled() => break,
             }

@@ -65,6 +65,9 @@ pub struct CoreView {
     pub alive: bool,
     /// Its aggregate (JSON) for each worker asked about, in the order asked.
     pub aggregates: Vec<Option<String>>,
+    /// For each worker asked about: how many of its consumers subscribed on another core
+    /// after it died (see [`Fleet::arrived`]), to take off its pending ones.
+    pub moved: Vec<u64>,
 }
 
 /// The fleet link of one core; see the module docs.
@@ -100,6 +103,15 @@ pub trait Fleet: Send + Sync + 'static {
 
     /// Tells every other core `news`.
     async fn tell(&self, news: &News) -> Result<(), StoreError>;
+
+    /// Records that `consumer` subscribed here (to `workers`; `None`: every worker): the core
+    /// that served it before counts it as moved until that core writes its aggregates again,
+    /// so a core that died meanwhile stops counting it as pending. One write per subscription.
+    async fn arrived(
+        &self,
+        consumer: &ConsumerId,
+        workers: Option<&[WorkerName]>,
+    ) -> Result<(), StoreError>;
 
     /// Leaves the fleet (shutdown): this core's heartbeat and aggregates go at once, so its
     /// consumers stop counting here once they resume elsewhere.

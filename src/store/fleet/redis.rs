@@ -4,6 +4,8 @@
 //! | --- | --- | --- |
 //! | `{prefix}:fleet:cores` | hash | core id → unix ms of its last heartbeat |
 //! | `{prefix}:fleet:agg:<core>` | hash | worker → that core's aggregate (JSON) |
+//! | `{prefix}:fleet:where` | hash | consumer id → the core it last subscribed on |
+//! | `{prefix}:fleet:moved:<core>` | hash | worker (or `*`: every worker) → how many of that core's consumers subscribed elsewhere since it last wrote its aggregates (what a dead core still counts that is no longer its own) |
 //! | `{prefix}:fleet:answer:<id>:<core>` | string | a core's answer to question `<id>`, expiring after a minute |
 //! | `{prefix}:fleet` | pub/sub channel | signals: aggregates changed, questions, answered, news |
 //!
@@ -59,6 +61,7 @@ pub struct RedisFleet {
     core_id: String,
     response_timeout: Duration,
     views: Script,
+    arrived: Script,
     changed: watch::Sender<u64>,
     heard: Mutex<Option<mpsc::Receiver<Heard>>>,
     /// Questions this core asked that wait for answers: id → who answered.
@@ -76,6 +79,10 @@ struct Keys {
 impl Keys {
     fn aggregates(&self, core: &str) -> String {
         format!("{}:fleet:agg:{core}", self.prefix)
+    }
+
+    fn moved(&self, core: &str) -> String {
+        format!("{}:fleet:moved:{core}", self.prefix)
     }
 
     fn answer(&self, id: &str, core: &str) -> String {
@@ -169,6 +176,7 @@ impl RedisFleet {
             core_id: config.core_id,
             response_timeout: config.response_timeout,
             views: Script::new(VIEWS),
+            arrived: Script::new(ARRIVED),
             changed,
             heard: Mutex::new(Some(heard_rx)),
             asking,
@@ -237,6 +245,8 @@ impl Fleet for RedisFleet {
             }
             .ignore();
         }
+        // These aggregates leave out the consumers that moved away (see `ARRIVED`).
+        pipe.cmd("DEL").arg(self.keys.moved(&self.core_id)).ignore();
         let signal = serde_json::to_string(&Signal::Changed {
             from: self.core_id.clone(),
         })
@@ -259,7 +269,7 @@ impl Fleet for RedisFleet {
             invocation.arg(worker.as_str());
         }
         let mut connection = self.connection.clone();
-        let answer: Vec<(String, i64, Vec<Option<String>>)> = tokio::time::timeout(
+        let answer: Vec<(String, i64, Vec<Option<String>>, Vec<u64>)> = tokio::time::timeout(
             self.response_timeout,
             invocation.invoke_async(&mut connection),
         )
@@ -268,10 +278,11 @@ impl Fleet for RedisFleet {
         .map_err(|e| StoreError::Unavailable(format!("redis fleet views: {e}")))?;
         Ok(answer
             .into_iter()
-            .map(|(core, heartbeat, aggregates)| CoreView {
+            .map(|(core, heartbeat, aggregates, moved)| CoreView {
                 alive: alive(now, heartbeat),
                 core,
                 aggregates,
+                moved,
             })
             .collect())
     }
@@ -376,6 +387,36 @@ impl Fleet for RedisFleet {
             },
         };
         self.signal(&signal).await
+    }
+
+    async fn arrived(
+        &self,
+        consumer: &ConsumerId,
+        workers: Option<&[WorkerName]>,
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.arrived.prepare_invoke();
+        invocation
+            .arg(&self.keys.prefix)
+            .arg(&self.core_id)
+            .arg(consumer.as_str());
+        match workers {
+            None => {
+                invocation.arg("*");
+            }
+            Some(workers) => {
+                for worker in workers {
+                    invocation.arg(worker.as_str());
+                }
+            }
+        }
+        let mut connection = self.connection.clone();
+        tokio::time::timeout(
+            self.response_timeout,
+            invocation.invoke_async::<()>(&mut connection),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable("redis did not answer fleet arrival".to_owned()))?
+        .map_err(|e| StoreError::Unavailable(format!("redis fleet arrival: {e}")))
     }
 
     async fn leave(&self) {
@@ -559,6 +600,7 @@ async fn beat(
                     .ignore()
                     .cmd("DEL")
                     .arg(keys.aggregates(&core))
+                    .arg(keys.moved(&core))
                     .ignore()
                     .query_async(&mut connection)
                     .await;
@@ -579,15 +621,36 @@ for i = 1, #cores, 2 do
   local core = cores[i]
   if core ~= ARGV[2] then
     local aggregates = {}
+    local moved = {}
     if #ARGV > 2 then
       local fields = {}
       for j = 3, #ARGV do
         fields[#fields + 1] = ARGV[j]
       end
       aggregates = redis.call('HMGET', ARGV[1] .. ':fleet:agg:' .. core, unpack(fields))
+      local everything = tonumber(redis.call('HGET', ARGV[1] .. ':fleet:moved:' .. core, '*') or '0')
+      local each = redis.call('HMGET', ARGV[1] .. ':fleet:moved:' .. core, unpack(fields))
+      for j = 1, #each do
+        moved[j] = everything + (tonumber(each[j] or '0') or 0)
+      end
     end
-    out[#out + 1] = {core, tonumber(cores[i + 1]) or 0, aggregates}
+    out[#out + 1] = {core, tonumber(cores[i + 1]) or 0, aggregates, moved}
   end
 end
 return out
+";
+
+/// ARGV[1]: the prefix; 2: this core; 3: the consumer; 4..: the workers it follows (`*`: all).
+/// The core it left counts it as moved; that core's next aggregates (which no longer hold it,
+/// once it heard the news) reset the count, so only a core that died keeps it.
+const ARRIVED: &str = r"
+local where_key = ARGV[1] .. ':fleet:where'
+local before = redis.call('HGET', where_key, ARGV[3])
+redis.call('HSET', where_key, ARGV[3], ARGV[2])
+if before and before ~= ARGV[2] then
+  for j = 4, #ARGV do
+    redis.call('HINCRBY', ARGV[1] .. ':fleet:moved:' .. before, ARGV[j], 1)
+  end
+end
+return 0
 ";
