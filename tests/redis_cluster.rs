@@ -1296,12 +1296,13 @@ async fn own_core_id(http: SocketAddr, consumer: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_cores_consumers() {
+/// Two cores on a private Redis, and `consumer-1/edge-b` following `app` on the second; the
+/// second core's id.
+async fn two_cores_and_an_edge_on_the_second()
+-> (PrivateRedis, Cluster, common::HandConsumer, String) {
     let redis = PrivateRedis::start().await;
     let cluster = Cluster::start(&redis.url(), 2);
-    let (a, b) = (cluster.http(0), cluster.http(1));
-    let mut edge = common::HandConsumer::subscribe(
+    let edge = common::HandConsumer::subscribe(
         &cluster.certs,
         cluster.grpc(1),
         "consumer-1/edge-b",
@@ -1309,7 +1310,14 @@ async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_c
         None,
     )
     .await;
-    let core_b = own_core_id(b, "consumer-1/edge-b").await;
+    let core_b = own_core_id(cluster.http(1), "consumer-1/edge-b").await;
+    (redis, cluster, edge, core_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_cores_consumers() {
+    let (_redis, cluster, mut edge, core_b) = two_cores_and_an_edge_on_the_second().await;
+    let a = cluster.http(0);
 
     // `/v1/consumers` on A lists B's consumer, naming B.
     let (status, consumers) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/consumers").await;
@@ -1400,18 +1408,8 @@ async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_of_a_core_killed_with_kill_9_count_as_pending_on_the_others() {
-    let redis = PrivateRedis::start().await;
-    let mut cluster = Cluster::start(&redis.url(), 2);
+    let (_redis, mut cluster, mut edge, core_b) = two_cores_and_an_edge_on_the_second().await;
     let a = cluster.http(0);
-    let mut edge = common::HandConsumer::subscribe(
-        &cluster.certs,
-        cluster.grpc(1),
-        "consumer-1/edge-b",
-        &["app"],
-        None,
-    )
-    .await;
-    let core_b = own_core_id(cluster.http(1), "consumer-1/edge-b").await;
     let upload = tokio::spawn(async move {
         common::hook_put_query(a, HOOK_SECRET, "?wait=5s", "app", "1", b"v1").await
     });

@@ -7,6 +7,10 @@
 //! [`hub::Hub`]: it reads durable changes from the store in revision order (after a local
 //! commit, a store hint, or a poll), so a change reaches subscribers only once durable, and
 //! changes committed by other cores sharing the store arrive the same way.
+//!
+//! With a [`crate::store::Fleet`] (cores sharing Redis), propagation is the fleet's: each core
+//! publishes per-worker aggregates of its own subscribers and answers the others' questions
+//! for detail (`fleet.rs`); without one, nothing of that runs.
 
 pub mod error;
 mod fleet;

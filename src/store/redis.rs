@@ -623,17 +623,7 @@ async fn follow_hints(
     let mut backoff = FIRST_BACKOFF;
     let mut down = false;
     loop {
-        let subscribe = async {
-            let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
-                .await
-                .map_err(|_| format!("no connection within {connect_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            tokio::time::timeout(response_timeout, pubsub.subscribe(&channel))
-                .await
-                .map_err(|_| format!("no SUBSCRIBE answer within {response_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(pubsub)
-        };
+        let subscribe = subscribe(&client, &channel, connect_timeout, response_timeout);
         let subscribed = tokio::select! {
             () = cancel.cancelled() => return,
             subscribed = subscribe => subscribed,
@@ -665,6 +655,24 @@ async fn follow_hints(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A pub/sub connection subscribed to `channel`, or why not, each step within its timeout.
+pub(crate) async fn subscribe(
+    client: &Client,
+    channel: &str,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<PubSub, String> {
+    let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| format!("no connection within {connect_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(response_timeout, pubsub.subscribe(channel))
+        .await
+        .map_err(|_| format!("no SUBSCRIBE answer within {response_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(pubsub)
 }
 
 /// Forwards hints until the connection fails (returns why) or `cancel` fires (returns `None`).

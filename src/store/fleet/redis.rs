@@ -29,7 +29,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{CoreView, DEAD_AFTER, Fleet, HEARTBEAT, Heard, News};
 use crate::{
     core::types::{ConsumerId, WorkerName},
-    store::{StoreError, redis::Connected},
+    store::{
+        StoreError,
+        redis::{Connected, subscribe},
+    },
 };
 
 /// How long an answer stays readable.
@@ -160,7 +163,7 @@ impl RedisFleet {
                 heard: heard_tx,
                 asking: asking.clone(),
             },
-            config.connect_timeout,
+            (config.connect_timeout, config.response_timeout),
             cancel.clone(),
         ));
         runtime.spawn(beat(
@@ -492,23 +495,13 @@ async fn listen(
     channel: String,
     me: String,
     listeners: Listeners,
-    connect_timeout: Duration,
+    (connect_timeout, response_timeout): (Duration, Duration),
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut down = false;
     loop {
-        let subscribe = async {
-            let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
-                .await
-                .map_err(|_| format!("no connection within {connect_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            pubsub
-                .subscribe(&channel)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(pubsub)
-        };
+        let subscribe = subscribe(&client, &channel, connect_timeout, response_timeout);
         let subscribed = tokio::select! {
             () = cancel.cancelled() => return,
             subscribed = subscribe => subscribed,
