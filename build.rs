@@ -57,6 +57,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             false,
         ))
         .method(method(
+            "deregister_consumer",
+            "DeregisterConsumer",
+            "DeregisterRequest",
+            "DeregisterResponse",
+            false,
+        ))
+        .method(method(
             "ack_update",
             "AckUpdate",
             "AckRequest",

@@ -22,7 +22,9 @@ use crate::{
     quic::{self, QuicLimits},
     quota::IdentityLimits,
     requests::Access,
-    store::{FileStore, RedisConfig, RedisStore, Store, StoreError},
+    store::{
+        FileStore, Fleet, RedisConfig, RedisFleet, RedisFleetConfig, RedisStore, Store, StoreError,
+    },
     tls::{self, ServerTls, TlsError},
 };
 
@@ -218,6 +220,12 @@ async fn start_core(
         inline_max_bytes: args.inline_code_max_bytes,
         max_code_bytes: args.max_code_bytes,
         bounds: args.bounds.bounds(),
+        remember_departed: args.remember_departed,
+        core_id: args
+            .core_id
+            .clone()
+            .unwrap_or_else(crate::core::default_core_id)
+            .into(),
         ..CoreConfig::default()
     };
     let store: Arc<dyn Store> = match &args.redis_url {
@@ -231,7 +239,21 @@ async fn start_core(
         })?),
         None => Arc::new(FileStore::open(&args.data_dir, config.retain_changes).await?),
     };
-    let core = Core::open(store, config).await?;
+    // Cores sharing a Redis share their propagation views; the embedded store has one core.
+    let fleet: Option<Arc<dyn Fleet>> = match &args.redis_url {
+        Some(url) => Some(Arc::new(RedisFleet::connect(RedisFleetConfig {
+            url: url.clone(),
+            key_prefix: args.redis_key_prefix.clone(),
+            core_id: config.core_id.to_string(),
+            connect_timeout: args.redis_connect_timeout,
+            response_timeout: args.redis_response_timeout,
+            forget_after: config.remember_departed,
+        })?)),
+        None => None,
+    };
+    let core_id = config.core_id.clone();
+    let core = Core::open_in_fleet(store, config, fleet).await?;
+    println!("workerpush: core id {core_id}");
 
     let grpc_listener = bind_tcp(args.common.bind, args.grpc_port)?;
     let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);

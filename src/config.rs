@@ -92,6 +92,15 @@ pub struct CoreArgs {
     /// answer is enough.
     #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
     pub redis_min_replicas: u32,
+    /// This core's name in the fleet, shown with every consumer it serves (default: `core-`
+    /// and 8 random hex digits, new at every start). Unique per core.
+    #[arg(long, env = "CORE_ID", value_parser = parse_core_id)]
+    pub core_id: Option<String>,
+    /// How long a consumer that disconnected without registering still counts (pending) among
+    /// the subscribers of the workers it followed. A registered one counts until it
+    /// deregisters.
+    #[arg(long, env = "REMEMBER_DEPARTED", default_value = "5m", value_parser = parse_duration)]
+    pub remember_departed: Duration,
     /// Concurrent gRPC streams (subscriptions and fetches) this core serves.
     #[arg(long, env = "GRPC_MAX_STREAMS", default_value_t = 1000)]
     pub grpc_max_streams: usize,
@@ -326,6 +335,10 @@ pub struct WatchArgs {
     /// Sync once, then exit: 0 when everything was applied, 2 when some change was refused.
     #[arg(long, env = "WATCH_ONCE")]
     pub once: bool,
+    /// On a clean exit (SIGTERM, Ctrl-C), deregister: this host stops counting among the
+    /// workers' subscribers.
+    #[arg(long, env = "WATCH_DEREGISTER")]
+    pub deregister: bool,
 }
 
 /// A `key=value` label.
@@ -477,6 +490,21 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A core id: 1 to 64 characters of `[A-Za-z0-9._-]` (it names Redis keys and log fields).
+pub fn parse_core_id(text: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "core id {text:?}: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 /// Parses `250ms`, `10s`, `2m`, `1h` (or plain seconds).

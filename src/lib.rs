@@ -4,7 +4,9 @@
 //! - [`acl`]: which workers each certificate identity may see (the ACL file), reloadable.
 //! - [`core`]: revisions, epochs, the retained log, subscriptions (replay, RESET, SYNCED),
 //!   publishing, the consumer registry. No transport code.
-//! - [`store`]: durable state behind one trait — memory, embedded files, Redis.
+//! - [`store`]: durable state behind one trait — memory, embedded files, Redis — and the
+//!   fleet link ([`store::Fleet`]) through which cores sharing Redis see each other's
+//!   propagation.
 //! - [`pb`]: the wire contract generated from `proto/control_plane.proto`.
 //! - [`tls`]: every rustls/rcgen piece: dev PKI, server and client configs, the one client
 //!   verifier and identity extractor shared by gRPC and QUIC.

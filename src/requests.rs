@@ -21,8 +21,9 @@ use crate::{
         WorkerName,
     },
     pb::{
-        AckRequest, AckResponse, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse,
-        RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
+        AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
+        ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse,
+        SubscribeRequest, WorkerChunk,
     },
     tls::LiveConnections,
 };
@@ -154,6 +155,25 @@ pub async fn register(
     Ok(RegisterResponse {
         success: true,
         message: format!("registered {consumer_id}"),
+    })
+}
+
+/// Forgets a consumer's registration, fleet-wide: it stops counting among any worker's
+/// subscribers.
+pub async fn deregister(
+    core: &Core,
+    caller: Caller<'_>,
+    request: DeregisterRequest,
+) -> Result<DeregisterResponse, RequestError> {
+    let consumer_id = ConsumerId::authorize(caller.identity, &request.consumer_id)?;
+    let existed = core.deregister(&consumer_id).await?;
+    Ok(DeregisterResponse {
+        existed,
+        message: if existed {
+            format!("deregistered {consumer_id}")
+        } else {
+            format!("{consumer_id} was not known")
+        },
     })
 }
 

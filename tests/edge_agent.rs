@@ -21,9 +21,9 @@ use common::*;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use workerpush::pb::{
-    AckRequest, AckResponse, EncodedUpdate, FetchWorkerRequest, ListWorkersRequest,
-    ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateKind,
-    WorkerChunk, WorkerUpdate,
+    AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, EncodedUpdate,
+    FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse,
+    SubscribeRequest, UpdateKind, WorkerChunk, WorkerUpdate,
     server::control_plane_server::{ControlPlane, ControlPlaneServer},
 };
 
@@ -371,6 +371,13 @@ impl ControlPlane for HostileCore {
         _: tonic::Request<RegisterRequest>,
     ) -> Result<tonic::Response<RegisterResponse>, tonic::Status> {
         Ok(tonic::Response::new(RegisterResponse::default()))
+    }
+
+    async fn deregister_consumer(
+        &self,
+        _: tonic::Request<DeregisterRequest>,
+    ) -> Result<tonic::Response<DeregisterResponse>, tonic::Status> {
+        Ok(tonic::Response::new(DeregisterResponse::default()))
     }
 
     async fn ack_update(

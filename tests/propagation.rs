@@ -226,7 +226,7 @@ async fn admin_endpoints_need_the_token_and_answer_the_documented_json() {
     let pending = &worker["propagation"]["pending"][0];
     assert_eq!(
         keys(pending),
-        BTreeSet::from(["consumer_id", "transport", "connected", "delivered"])
+        BTreeSet::from(["consumer_id", "core", "transport", "connected", "delivered"])
     );
     assert_eq!(
         (
@@ -254,6 +254,7 @@ async fn admin_endpoints_need_the_token_and_answer_the_documented_json() {
         keys(consumer),
         BTreeSet::from([
             "consumer_id",
+            "core",
             "subscription",
             "connected",
             "transport",
@@ -547,4 +548,227 @@ async fn metrics_parse_and_count_a_scripted_run_exactly() {
         1.0
     );
     drop((a, b));
+}
+
+/// The subscribers of `worker` as the admin API counts them: (consumer id, connected) of the
+/// pending ones, and the total.
+async fn pending_of(http: std::net::SocketAddr, token: &str, worker: &str) -> (Vec<String>, u64) {
+    let (status, body) = admin_get(http, Some(token), &format!("/v1/workers/{worker}")).await;
+    assert_eq!(status, 200, "{body}");
+    let propagation = &body["propagation"];
+    let pending = ids(&propagation["pending"])
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    (pending, propagation["subscribers"].as_u64().unwrap())
+}
+
+async fn admin_delete(http: std::net::SocketAddr, token: &str, path: &str) -> (u16, Value) {
+    let response = http_client()
+        .delete(format!("http://{http}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    status_and_json(response).await
+}
+
+#[tokio::test]
+async fn a_registered_consumer_counts_past_the_departure_window_until_it_deregisters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &["--remember-departed", "1s"]);
+    let (secret, token) = server.secrets();
+    let (certs, grpc, quic, http) = (
+        server.certs(),
+        server.addr("grpc"),
+        server.addr("quic"),
+        server.addr("http"),
+    );
+    hook_put(http, &secret, "app", "1", b"v1").await;
+    // Three registered consumers (each deregistered another way at the end) and one that
+    // never registered, all holding version 1, then all gone.
+    let registered = [
+        "consumer-1/by-operator",
+        "consumer-1/by-grpc",
+        "consumer-1/by-quic",
+    ];
+    let sessions = [
+        grpc_session(&certs, grpc, "consumer-1").await,
+        grpc_session(&certs, grpc, "consumer-1").await,
+        quic_session(&certs, quic, "consumer-1").await,
+    ];
+    for (id, session) in registered.iter().zip(&sessions) {
+        let answer = session
+            .register(workerpush::pb::RegisterRequest {
+                consumer_id: (*id).to_owned(),
+                endpoint: format!("{id}.edge:443"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(answer.success, "{answer:?}");
+    }
+    for id in registered.iter().chain(&["consumer-1/unregistered"]) {
+        let consumer = HandConsumer::subscribe(&certs, grpc, id, &["app"], None).await;
+        let put = consumer
+            .received
+            .iter()
+            .find(|u| u.worker_name == "app")
+            .unwrap()
+            .clone();
+        consumer.ack(&put, None).await;
+        drop(consumer);
+    }
+    // The unregistered consumer ages out of the window; the registered ones do not.
+    let (_, body) = hook_put_query(http, &secret, "", "app", "2", b"v2").await;
+    assert_eq!(body["version"], "2", "{body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pending = loop {
+        let (pending, _) = pending_of(http, &token, "app").await;
+        if !pending.iter().any(|id| id == "consumer-1/unregistered") {
+            break pending;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the unregistered consumer never aged out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut sorted = registered.to_vec();
+    sorted.sort_unstable();
+    assert_eq!(
+        pending, sorted,
+        "registered consumers stay pending, away or not"
+    );
+    let (_, worker) = admin_get(http, Some(&token), "/v1/workers/app").await;
+    assert_eq!(worker["propagation"]["state"], "pending", "{worker}");
+    assert!(
+        worker["propagation"]["pending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connected"] == false && p["core"].as_str().is_some_and(|c| !c.is_empty())),
+        "{worker}"
+    );
+    let (status, consumers) = admin_get(http, Some(&token), "/v1/consumers").await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&consumers["consumers"]), sorted, "{consumers}");
+
+    // Deregistered: by the operator, by DeregisterConsumer over gRPC, and over QUIC.
+    let (status, answer) = admin_delete(http, &token, "/v1/consumers/consumer-1/by-operator").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["existed"], true, "{answer}");
+    let (pending, subscribers) = pending_of(http, &token, "app").await;
+    assert_eq!(
+        (pending, subscribers),
+        (
+            vec![
+                "consumer-1/by-grpc".to_owned(),
+                "consumer-1/by-quic".to_owned()
+            ],
+            2
+        )
+    );
+    for (id, session) in registered[1..].iter().zip(&sessions[1..]) {
+        let answer = session
+            .deregister(workerpush::pb::DeregisterRequest {
+                consumer_id: (*id).to_owned(),
+            })
+            .await
+            .unwrap();
+        assert!(answer.existed, "{answer:?}");
+    }
+    let (_, worker) = admin_get(http, Some(&token), "/v1/workers/app").await;
+    assert_eq!(worker["propagation"]["subscribers"], 0, "{worker}");
+    assert_eq!(worker["propagation"]["state"], "complete", "{worker}");
+    let (_, consumers) = admin_get(http, Some(&token), "/v1/consumers").await;
+    assert_eq!(consumers["consumers"], serde_json::json!([]), "{consumers}");
+
+    // Deregistering what is not known says so; a malformed id is a clear 400.
+    let (status, answer) = admin_delete(http, &token, "/v1/consumers/consumer-1/by-operator").await;
+    assert_eq!(
+        (status, &answer["existed"]),
+        (200, &Value::Bool(false)),
+        "{answer}"
+    );
+    let (status, answer) = admin_delete(http, &token, "/v1/consumers/consumer-1/").await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("consumer id"),
+        "{answer}"
+    );
+    let refused = sessions[0]
+        .deregister(workerpush::pb::DeregisterRequest {
+            consumer_id: "someone-else".to_owned(),
+        })
+        .await;
+    assert!(
+        refused.is_err(),
+        "another identity's consumer may not be deregistered"
+    );
+}
+
+#[tokio::test]
+async fn watch_with_deregister_is_forgotten_at_once_on_a_clean_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (secret, token) = server.secrets();
+    let http = server.addr("http");
+    hook_put(http, &secret, "app", "1", b"v1").await;
+    let watch = |id: &str, out: &str| {
+        std::process::Command::new(BIN)
+            .args(["watch", "--addr"])
+            .arg(format!("localhost:{}", server.addr("grpc").port()))
+            .args(["--consumer-id", id, "--out", out])
+            .args([
+                "--ca",
+                "certs/ca.pem",
+                "--cert",
+                "certs/clients/consumer-1.pem",
+            ])
+            .args(["--key", "certs/clients/consumer-1-key.pem"])
+            .args(if out == "leaving" {
+                &["--deregister"][..]
+            } else {
+                &[][..]
+            })
+            .current_dir(dir.path())
+            .env_clear()
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut leaving = watch("consumer-1/leaving", "leaving");
+    let mut staying = watch("consumer-1/staying", "staying");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, worker) = admin_get(http, Some(&token), "/v1/workers/app").await;
+        if worker["propagation"]["acked"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both watches never acked: {worker}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for child in [&mut leaving, &mut staying] {
+        let pid = child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "watch exits cleanly on SIGTERM"
+        );
+    }
+    // Both left inside the 5 minute window: the one that deregistered is gone at once, the
+    // other is remembered as a pending subscriber of the next version.
+    hook_put(http, &secret, "app", "2", b"v2").await;
+    let (pending, subscribers) = pending_of(http, &token, "app").await;
+    assert_eq!(
+        (pending, subscribers),
+        (vec!["consumer-1/staying".to_owned()], 1)
+    );
 }

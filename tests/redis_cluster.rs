@@ -1701,3 +1701,201 @@ async fn a_redis_that_lost_its_data_is_reseeded_once_and_the_edge_keeps_every_wo
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// One fleet: propagation seen from any core.
+// ---------------------------------------------------------------------------------------------
+
+/// The core id a core names its own consumers with, read from its `/v1/consumers`.
+async fn own_core_id(http: SocketAddr, consumer: &str) -> String {
+    let (_, body) = common::admin_get(http, Some(UPLOAD_TOKEN), "/v1/consumers").await;
+    body["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["consumer_id"] == consumer)
+        .unwrap_or_else(|| panic!("{consumer} not on this core: {body}"))["core"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Two cores on a private Redis, and `consumer-1/edge-b` following `app` on the second; the
+/// second core's id.
+async fn two_cores_and_an_edge_on_the_second()
+-> (PrivateRedis, Cluster, common::HandConsumer, String) {
+    let redis = PrivateRedis::start().await;
+    let cluster = Cluster::start(&redis.url(), 2);
+    let edge = common::HandConsumer::subscribe(
+        &cluster.certs,
+        cluster.grpc(1),
+        "consumer-1/edge-b",
+        &["app"],
+        None,
+    )
+    .await;
+    let core_b = own_core_id(cluster.http(1), "consumer-1/edge-b").await;
+    (redis, cluster, edge, core_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_through_one_core_answers_with_the_acks_and_refusals_of_another_cores_consumers() {
+    let (_redis, cluster, mut edge, core_b) = two_cores_and_an_edge_on_the_second().await;
+    let a = cluster.http(0);
+
+    // `/v1/consumers` on A lists B's consumer, naming B.
+    let (status, consumers) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/consumers").await;
+    assert_eq!(status, 200, "{consumers}");
+    let listed: Vec<_> = consumers["consumers"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 1, "{consumers}");
+    assert_eq!(listed[0]["consumer_id"], "consumer-1/edge-b");
+    assert_eq!(listed[0]["core"], core_b.as_str());
+    assert_eq!(listed[0]["connected"], true);
+
+    for (version, verdict) in [("1", None), ("2", Some("disk full"))] {
+        let upload = tokio::spawn(async move {
+            let answer = common::hook_put_query(
+                a,
+                HOOK_SECRET,
+                "?wait=5s",
+                "app",
+                version,
+                code("app", version).as_bytes(),
+            )
+            .await;
+            (answer, Instant::now())
+        });
+        let put = edge.next_change().await;
+        assert_eq!(put.version, version);
+        let acked = Instant::now();
+        edge.ack(&put, verdict).await;
+        let ((status, answer), answered) = upload.await.unwrap();
+        assert_eq!(status, 201, "{answer}");
+        let after_ack = answered.duration_since(acked);
+        println!("version {version}: answered {after_ack:?} after the ack on the other core");
+        assert!(
+            after_ack < Duration::from_millis(500),
+            "the wait answered {after_ack:?} after the last ack: a wake-up, not a poll"
+        );
+        let propagation = &answer["propagation"];
+        assert_eq!(propagation["subscribers"], 1, "{answer}");
+        assert_eq!(propagation["pending"], serde_json::json!([]), "{answer}");
+        match verdict {
+            None => {
+                assert_eq!(propagation["state"], "complete", "{answer}");
+                assert_eq!(propagation["acked"][0]["consumer_id"], "consumer-1/edge-b");
+                assert_eq!(propagation["acked"][0]["core"], core_b.as_str());
+            }
+            Some(reason) => {
+                assert_eq!(propagation["state"], "failed", "{answer}");
+                assert_eq!(propagation["failed"][0]["consumer_id"], "consumer-1/edge-b");
+                assert_eq!(propagation["failed"][0]["reason"], reason);
+                assert_eq!(propagation["failed"][0]["core"], core_b.as_str());
+            }
+        }
+    }
+
+    // The admin views of A agree: the worker's detail and the listing's counts.
+    let (_, worker) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/workers/app").await;
+    assert_eq!(worker["propagation"]["state"], "failed", "{worker}");
+    assert_eq!(worker["propagation"]["failed"][0]["reason"], "disk full");
+    let (_, workers) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/workers").await;
+    let summary = &workers["workers"][0]["propagation"];
+    assert_eq!(
+        (
+            &summary["subscribers"],
+            &summary["failed"],
+            &summary["state"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!("failed")
+        ),
+        "{workers}"
+    );
+
+    // A consumer subscribed only on B that has not answered keeps a wait on A pending.
+    let (status, answer) = common::hook_put_query(
+        a,
+        HOOK_SECRET,
+        "?wait=300ms",
+        "app",
+        "3",
+        code("app", "3").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["propagation"]["state"], "pending", "{answer}");
+    assert_eq!(answer["propagation"]["pending"][0]["core"], core_b.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_a_core_killed_with_kill_9_count_as_pending_on_the_others() {
+    let (_redis, mut cluster, mut edge, core_b) = two_cores_and_an_edge_on_the_second().await;
+    let a = cluster.http(0);
+    let upload = tokio::spawn(async move {
+        common::hook_put_query(a, HOOK_SECRET, "?wait=5s", "app", "1", b"v1").await
+    });
+    let put = edge.next_change().await;
+    edge.ack(&put, None).await;
+    let (_, answer) = upload.await.unwrap();
+    assert_eq!(answer["propagation"]["state"], "complete", "{answer}");
+
+    cluster.cores[1].kill9();
+    let (status, answer) =
+        common::hook_put_query(a, HOOK_SECRET, "?wait=500ms", "app", "2", b"v2").await;
+    assert_eq!(status, 201, "{answer}");
+    let propagation = &answer["propagation"];
+    assert_eq!(propagation["state"], "pending", "{answer}");
+    assert_eq!(propagation["subscribers"], 1, "{answer}");
+    assert_eq!(
+        propagation["unlisted"][0]["core"],
+        core_b.as_str(),
+        "{answer}"
+    );
+    assert_eq!(
+        propagation["unlisted"][0]["summary"]["pending"], 1,
+        "{answer}"
+    );
+    let (_, workers) = common::admin_get(a, Some(UPLOAD_TOKEN), "/v1/workers").await;
+    assert_eq!(
+        workers["workers"][0]["propagation"]["pending"], 1,
+        "{workers}"
+    );
+
+    // It resumes on A: once B is taken for dead, B no longer counts it, and A's wait completes
+    // with its ack alone.
+    let epoch = answer["epoch"].as_str().unwrap().to_owned();
+    let mut resumed = common::HandConsumer::subscribe(
+        &cluster.certs,
+        cluster.grpc(0),
+        "consumer-1/edge-b",
+        &["app"],
+        Some((&epoch, put.revision)),
+    )
+    .await;
+    let started = Instant::now();
+    let upload = tokio::spawn(async move {
+        common::hook_put_query(a, HOOK_SECRET, "?wait=15s", "app", "3", b"v3").await
+    });
+    let v3 = loop {
+        let update = resumed.next_change().await;
+        if update.version == "3" {
+            break update;
+        }
+        resumed.ack(&update, None).await;
+    };
+    resumed.ack(&v3, None).await;
+    let (_, answer) = upload.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered once B was taken for dead (5 s), not at the wait's deadline: {:?}",
+        started.elapsed()
+    );
+    let propagation = &answer["propagation"];
+    assert_eq!(propagation["state"], "complete", "{answer}");
+    assert_eq!(propagation["subscribers"], 1, "{answer}");
+    let core_a = own_core_id(a, "consumer-1/edge-b").await;
+    assert_eq!(propagation["acked"][0]["core"], core_a.as_str(), "{answer}");
+}

@@ -163,6 +163,17 @@ impl<T: Transport> Consumer<T> {
         }
     }
 
+    /// Deregisters the consumer (on a fresh connection): it stops counting among the workers'
+    /// subscribers, on every core, once it has no live subscription.
+    pub async fn deregister(&self) -> Result<crate::pb::DeregisterResponse, ClientError> {
+        let session = self.transport.connect().await?;
+        session
+            .deregister(crate::pb::DeregisterRequest {
+                consumer_id: self.options.consumer_id.clone(),
+            })
+            .await
+    }
+
     /// The last position held.
     pub fn position(&self) -> Option<&Position> {
         self.position.as_ref()

@@ -17,8 +17,9 @@ use super::{
     UpdateStream,
 };
 use crate::pb::{
-    AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
-    RegisterResponse, SubscribeRequest, control_plane_client::ControlPlaneClient,
+    AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
+    ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest,
+    control_plane_client::ControlPlaneClient,
 };
 
 /// Connects to a gRPC endpoint with mutual TLS.
@@ -165,6 +166,19 @@ impl Session for GrpcSession {
             .client
             .clone()
             .register_consumer(request)
+            .await
+            .map_err(status)?
+            .into_inner())
+    }
+
+    async fn deregister(
+        &self,
+        request: DeregisterRequest,
+    ) -> Result<DeregisterResponse, ClientError> {
+        Ok(self
+            .client
+            .clone()
+            .deregister_consumer(request)
             .await
             .map_err(status)?
             .into_inner())

@@ -27,8 +27,9 @@ pub use quic::QuicTransport;
 use crate::{
     core::{Checksum, Epoch, Version, WorkerName},
     pb::{
-        AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
-        RegisterResponse, SubscribeRequest, UpdateKind, WorkerChunk, WorkerUpdate,
+        AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
+        ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, UpdateKind,
+        WorkerChunk, WorkerUpdate,
     },
 };
 
@@ -88,6 +89,16 @@ pub trait Session: Send + Sync {
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError>;
     /// Registers the consumer.
     async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError>;
+    /// Deregisters the consumer: it stops counting among the workers' subscribers.
+    async fn deregister(
+        &self,
+        request: DeregisterRequest,
+    ) -> Result<DeregisterResponse, ClientError> {
+        let _ = request;
+        Err(ClientError::Config(
+            "this session cannot deregister".to_owned(),
+        ))
+    }
     /// Lists the latest versions.
     async fn list(&self, request: ListWorkersRequest) -> Result<ListWorkersResponse, ClientError>;
 }

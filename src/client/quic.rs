@@ -21,9 +21,9 @@ use super::{
 };
 use crate::{
     pb::{
-        AckRequest, FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, QuicRequest,
-        QuicResponse, RegisterRequest, RegisterResponse, Status, SubscribeRequest, WorkerUpdate,
-        quic_request::Request, quic_response::Response,
+        AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
+        ListWorkersResponse, QuicRequest, QuicResponse, RegisterRequest, RegisterResponse, Status,
+        SubscribeRequest, WorkerUpdate, quic_request::Request, quic_response::Response,
     },
     quic::{
         codec::{MAX_FRAME_BYTES, encode_frame},
@@ -164,6 +164,7 @@ fn unexpected(what: &str, response: &Response) -> ClientError {
     let kind = match response {
         Response::Update(_) => "update",
         Response::Registered(_) => "registered",
+        Response::Deregistered(_) => "deregistered",
         Response::Acked(_) => "acked",
         Response::Chunk(_) => "chunk",
         Response::Workers(_) => "workers",
@@ -268,6 +269,16 @@ impl Session for QuicSession {
         match self.unary(Request::Register(request)).await? {
             Response::Registered(response) => Ok(response),
             other => Err(unexpected("register", &other)),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        request: DeregisterRequest,
+    ) -> Result<DeregisterResponse, ClientError> {
+        match self.unary(Request::Deregister(request)).await? {
+            Response::Deregistered(response) => Ok(response),
+            other => Err(unexpected("deregister", &other)),
         }
     }
 

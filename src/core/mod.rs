@@ -7,9 +7,14 @@
 //! [`hub::Hub`]: it reads durable changes from the store in revision order (after a local
 //! commit, a store hint, or a poll), so a change reaches subscribers only once durable, and
 //! changes committed by other cores sharing the store arrive the same way.
+//!
+//! With a [`crate::store::Fleet`] (cores sharing Redis), propagation is the fleet's: each core
+//! publishes per-worker aggregates of its own subscribers and answers the others' questions
+//! for detail (`fleet.rs`); without one, nothing of that runs.
 
 pub mod bounds;
 pub mod error;
+mod fleet;
 pub mod hub;
 pub mod propagation;
 pub mod subscription;
@@ -32,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use bounds::{Bound, Bounds};
 pub use error::{Coded, ErrorCode, InvalidInput, PublishError, RequestError};
+pub use fleet::{ASK_WITHIN, PUBLISH_INTERVAL};
 pub use propagation::{
-    Acked, ConsumerStatus, Failed, Pending, Propagation, PropagationState, PropagationSummary,
-    WorkerFailure,
+    Acked, ConsumerStatus, CoreCounts, Failed, Pending, Propagation, PropagationState,
+    PropagationSummary, WorkerFailure,
 };
 pub use subscription::{Ended, Start, SubscriberInfo, Subscription};
 pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, WorkerName};
@@ -45,7 +51,9 @@ use self::{
 };
 use crate::{
     pb::WorkerUpdate,
-    store::{Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Store, StoreError, Tail},
+    store::{
+        Change, ChangeKind, ConsumerRecord, Fleet, News, Outcome, Proposal, Store, StoreError, Tail,
+    },
 };
 
 /// How often, at most, waiting for a propagation looks again while answers arrive. A look goes
@@ -70,10 +78,13 @@ pub struct CoreConfig {
     /// How often the follower polls the store when no hint arrives.
     pub poll_interval: Duration,
     /// How long a consumer that disconnected still counts as a subscriber (pending) of the
-    /// workers it followed, so that one resuming after a blip is waited for.
+    /// workers it followed, so that one resuming after a blip is waited for. A consumer that
+    /// registered counts until it deregisters, however long it is away.
     pub remember_departed: Duration,
     /// What one client can make the core hold (consumer ids, departures, labels, filters).
     pub bounds: Bounds,
+    /// This core's name in the fleet, shown with every consumer it serves.
+    pub core_id: Arc<str>,
 }
 
 impl Default for CoreConfig {
@@ -87,6 +98,7 @@ impl Default for CoreConfig {
             poll_interval: Duration::from_secs(1),
             remember_departed: Duration::from_secs(300),
             bounds: Bounds::default(),
+            core_id: default_core_id().into(),
         }
     }
 }
@@ -213,6 +225,9 @@ pub struct Core {
     poke: Arc<tokio::sync::Notify>,
     /// One re-seed at a time (the follower and publishes may notice a loss together).
     reseeding: tokio::sync::Mutex<()>,
+    /// The other cores sharing the store, if any.
+    fleet: Option<Arc<dyn Fleet>>,
+    fleet_tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// How long a core that holds no workers waits before starting a lost store's new epoch
@@ -222,6 +237,16 @@ const EMPTY_RESEED_DELAY: Duration = Duration::from_secs(2);
 impl Core {
     /// Loads the durable state and starts following the store.
     pub async fn open(store: Arc<dyn Store>, config: CoreConfig) -> Result<Arc<Self>, StoreError> {
+        Self::open_in_fleet(store, config, None).await
+    }
+
+    /// [`Core::open`], as one of the cores linked by `fleet` (cores sharing one Redis): its
+    /// propagation views are then the fleet's.
+    pub async fn open_in_fleet(
+        store: Arc<dyn Store>,
+        config: CoreConfig,
+        fleet: Option<Arc<dyn Fleet>>,
+    ) -> Result<Arc<Self>, StoreError> {
         let recovered = store.load().await?;
         let registry = Registry::of(store.consumers().await?);
         let retention = Retention {
@@ -238,7 +263,13 @@ impl Core {
         let tracker = Arc::new(Tracker::new(
             config.remember_departed,
             config.bounds.clone(),
+            config.core_id.clone(),
         ));
+        for record in registry.records.values() {
+            if !record.endpoint.is_empty() || !record.labels.is_empty() {
+                tracker.registered(record.id.clone());
+            }
+        }
         let core = Arc::new(Self {
             store,
             hub: Arc::new(empty),
@@ -252,6 +283,8 @@ impl Core {
             follower: Mutex::new(None),
             poke: Arc::new(tokio::sync::Notify::new()),
             reseeding: tokio::sync::Mutex::new(()),
+            fleet: fleet.clone(),
+            fleet_tasks: Mutex::new(Vec::new()),
         });
         core.install(
             recovered.epoch,
@@ -263,6 +296,9 @@ impl Core {
         tracing::info!(epoch = %core.epoch(), head = core.head(), workers = core.hub.read().live_workers(), "core opened");
         let follower = tokio::spawn(core.clone().follow());
         *lock(&core.follower) = Some(follower);
+        if let Some(fleet) = &fleet {
+            core.join_fleet(fleet);
+        }
         Ok(core)
     }
 
@@ -274,6 +310,7 @@ impl Core {
         if let Some(follower) = follower {
             let _ = follower.await;
         }
+        self.leave_fleet().await;
         self.store.close().await;
     }
 
@@ -502,6 +539,7 @@ impl Core {
             delivered: AtomicU64::new(0),
         });
         self.tracker.subscribed(info.clone())?;
+        self.arrived_in_fleet(&info);
         let tracker = self.tracker.clone();
         let transport = params.transport;
         metrics::gauge!("workerpush_subscribers", "transport" => transport).increment(1.0);
@@ -558,14 +596,23 @@ impl Core {
             let now = std::time::Instant::now();
             let answered = self.tracker.answered(worker, revision, &mut look, now);
             if let Some(answered) = answered {
-                return answered;
+                if self.fleet.is_none() {
+                    return answered;
+                }
+                if self.others_answered(worker, revision).await {
+                    return self.fleet_propagation_of(answered, worker, revision).await;
+                }
             }
             if self.is_shutting_down() {
                 break;
             }
             let next = looked + PROPAGATION_LOOK_INTERVAL.max(looked.elapsed() * 8);
+            // Other cores' heartbeats stop without a signal: with a fleet, look again now and
+            // then, so that a core taken for dead meanwhile is counted as such.
+            let recheck = looked + crate::store::HEARTBEAT;
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(recheck), if self.fleet.is_some() => {}
                 () = tokio::time::sleep_until(deadline) => break,
                 () = self.shutdown.cancelled() => break,
             }
@@ -574,7 +621,8 @@ impl Core {
                 () = self.shutdown.cancelled() => break,
             }
         }
-        self.tracker.propagation(worker, revision)
+        let mine = self.tracker.propagation(worker, revision);
+        self.fleet_propagation_of(mine, worker, revision).await
     }
 
     /// A live worker's latest version and where it stands.
@@ -704,7 +752,21 @@ impl Core {
             record.clone()
         };
         self.store.save_consumer(&record).await?;
+        self.tracker.registered(record.id.clone());
+        self.tell_fleet(News::Registered(record.id));
         Ok(())
+    }
+
+    /// Forgets `consumer`'s registration on every core: it no longer counts among any
+    /// worker's subscribers once it has no live subscription. Answers whether it was known.
+    pub async fn deregister(&self, consumer: &ConsumerId) -> Result<bool, RequestError> {
+        let in_registry = lock(&self.registry).remove(consumer).is_some();
+        let stored = self.store.remove_consumer(consumer).await?;
+        let tracked = self.tracker.forget(consumer);
+        self.tell_fleet(News::Deregistered(consumer.clone()));
+        tracing::info!(%consumer, "consumer deregistered");
+        metrics::counter!("workerpush_deregistrations_total").increment(1);
+        Ok(in_registry || stored || tracked)
     }
 
     /// Records an acknowledgement. A consumer id new to the registry needs room under
@@ -906,12 +968,14 @@ impl Core {
                 for change in changes {
                     entries.push(Arc::new(self.entry(change, &epoch).await?));
                 }
+                let workers: Vec<WorkerName> =
+                    entries.iter().map(|e| e.change.worker.clone()).collect();
                 if !self.hub.append(entries) {
                     return Err(StoreError::Corrupt(
                         "store returned changes that do not follow the head".to_owned(),
                     ));
                 }
-                self.tracker.bump();
+                self.tracker.changed_workers(Some(workers.iter()));
                 Ok(true)
             }
             _ => {
@@ -955,7 +1019,8 @@ impl Core {
             tail_entries.push(entry);
         }
         self.hub.replace(epoch, head, latest_entries, tail_entries);
-        self.tracker.bump();
+        self.tracker
+            .changed_workers(None::<std::iter::Empty<&WorkerName>>);
         Ok(())
     }
 
@@ -1038,6 +1103,19 @@ impl Registry {
             .entry(consumer.clone())
             .or_insert_with(|| new_record(consumer, now)))
     }
+
+    /// Removes `consumer`'s record; answers whether it had one.
+    fn remove(&mut self, consumer: &ConsumerId) -> Option<ConsumerRecord> {
+        let record = self.records.remove(consumer)?;
+        let identity = consumer.identity();
+        if let Some(count) = self.ids.get_mut(identity) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.ids.remove(identity);
+            }
+        }
+        Some(record)
+    }
 }
 
 fn new_record(id: ConsumerId, now: i64) -> ConsumerRecord {
@@ -1050,6 +1128,11 @@ fn new_record(id: ConsumerId, now: i64) -> ConsumerRecord {
         last_seen_ms: now,
         last_acked_revision: 0,
     }
+}
+
+/// A core id for a core not given one: `core-` and 8 random hex digits.
+pub fn default_core_id() -> String {
+    format!("core-{}", hex::encode(rand::random::<[u8; 4]>()))
 }
 
 /// Unix milliseconds now.

@@ -12,10 +12,18 @@
 //! forgotten first), and filters stored once and shared by every subscription that asked for
 //! the same names.
 //!
+//! A consumer that registered (`RegisterConsumer`) is remembered until it deregisters, however
+//! long it is away; one that did not is forgotten `remember` after it left.
+//!
+//! With several cores, each core's tracker knows its own subscriptions; [`Propagation::merge`]
+//! and [`PropagationSummary::merge`] fold the views of several cores into the fleet's, each
+//! entry naming the core that serves it.
+//!
 //! Transport-free, like the rest of the core: only `tokio::sync`.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    borrow::Cow,
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Mutex, Weak, atomic::Ordering},
@@ -43,7 +51,7 @@ pub const LISTED_WORKERS: usize = 32;
 const DEPARTED_ENTRY_BYTES: usize = 256;
 
 /// Where one revision of a worker stands across the worker's current subscribers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Propagation {
     /// The revision asked about (the worker's latest, or the one just published).
     pub revision: Revision,
@@ -57,6 +65,22 @@ pub struct Propagation {
     pub pending: Vec<Pending>,
     /// Those that could not apply it, with their reasons.
     pub failed: Vec<Failed>,
+    /// Cores whose subscribers are counted (in `subscribers` and `state`) but not listed: a
+    /// core that did not answer in time, or one that stopped (its consumers count as pending
+    /// until they resume elsewhere or it is forgotten).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unlisted: Vec<CoreCounts>,
+}
+
+/// One core's counts for a worker, as the shared store holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreCounts {
+    /// The core.
+    pub core: Arc<str>,
+    /// Whether it is alive (its heartbeat is recent).
+    pub alive: bool,
+    /// Its counts for the worker's latest revision it knows.
+    pub summary: PropagationSummary,
 }
 
 /// The overall state of a [`Propagation`].
@@ -72,12 +96,14 @@ pub enum PropagationState {
 }
 
 /// A consumer that holds the revision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acked {
     /// The consumer, suffix included.
     pub consumer_id: ConsumerId,
+    /// The core serving it.
+    pub core: Arc<str>,
     /// `grpc` or `quic`.
-    pub transport: &'static str,
+    pub transport: Cow<'static, str>,
     /// The revision it acknowledged: this one or a later one of the same worker.
     pub revision: Revision,
     /// Milliseconds from the core accepting that revision to the acknowledgement, when known.
@@ -85,25 +111,30 @@ pub struct Acked {
 }
 
 /// A consumer that has not answered yet.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pending {
     /// The consumer, suffix included.
     pub consumer_id: ConsumerId,
+    /// The core serving it (or that served it last).
+    pub core: Arc<str>,
     /// `grpc` or `quic`.
-    pub transport: &'static str,
-    /// Whether it has a live subscription (else it left recently and may resume).
+    pub transport: Cow<'static, str>,
+    /// Whether it has a live subscription (else it left and may resume: recently, or it
+    /// registered and has not deregistered).
     pub connected: bool,
     /// Whether the revision was handed to its transport.
     pub delivered: bool,
 }
 
 /// A consumer that could not apply the revision.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failed {
     /// The consumer, suffix included.
     pub consumer_id: ConsumerId,
+    /// The core serving it.
+    pub core: Arc<str>,
     /// `grpc` or `quic`.
-    pub transport: &'static str,
+    pub transport: Cow<'static, str>,
     /// The revision it refused.
     pub revision: Revision,
     /// Why, in its words.
@@ -111,7 +142,7 @@ pub struct Failed {
 }
 
 /// The counts of a [`Propagation`], for listings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PropagationSummary {
     /// See [`Propagation::revision`].
     pub revision: Revision,
@@ -128,31 +159,145 @@ pub struct PropagationSummary {
 }
 
 impl Propagation {
-    /// The counts.
+    /// The counts (those of unlisted cores included).
     pub fn summary(&self) -> PropagationSummary {
+        let unlisted = |count: fn(&PropagationSummary) -> usize| -> usize {
+            self.unlisted.iter().map(|c| count(&c.summary)).sum()
+        };
         PropagationSummary {
             revision: self.revision,
             state: self.state,
             subscribers: self.subscribers,
-            acked: self.acked.len(),
-            pending: self.pending.len(),
-            failed: self.failed.len(),
+            acked: self.acked.len() + unlisted(|s| s.acked),
+            pending: self.pending.len() + unlisted(|s| s.pending),
+            failed: self.failed.len() + unlisted(|s| s.failed),
         }
+    }
+
+    /// Folds another core's view of the same revision in. A consumer listed by several cores
+    /// (it moved) is listed once, by its best answer: acked, failed, pending and connected,
+    /// pending.
+    pub fn merge(&mut self, other: Propagation) {
+        fn rank(entry: &Entry) -> u8 {
+            match entry {
+                Entry::Acked(_) => 3,
+                Entry::Failed(_) => 2,
+                Entry::Pending(p) if p.connected => 1,
+                Entry::Pending(_) => 0,
+            }
+        }
+        enum Entry {
+            Acked(Acked),
+            Failed(Failed),
+            Pending(Pending),
+        }
+        let mut by_consumer: BTreeMap<ConsumerId, Entry> = BTreeMap::new();
+        let mine = std::mem::take(&mut self.acked)
+            .into_iter()
+            .map(Entry::Acked)
+            .chain(
+                std::mem::take(&mut self.failed)
+                    .into_iter()
+                    .map(Entry::Failed),
+            )
+            .chain(
+                std::mem::take(&mut self.pending)
+                    .into_iter()
+                    .map(Entry::Pending),
+            );
+        let theirs = other
+            .acked
+            .into_iter()
+            .map(Entry::Acked)
+            .chain(other.failed.into_iter().map(Entry::Failed))
+            .chain(other.pending.into_iter().map(Entry::Pending));
+        let listed = |e: &Entry| match e {
+            Entry::Acked(a) => a.consumer_id.clone(),
+            Entry::Failed(f) => f.consumer_id.clone(),
+            Entry::Pending(p) => p.consumer_id.clone(),
+        };
+        let mut duplicates = 0;
+        for entry in mine.chain(theirs) {
+            let consumer = listed(&entry);
+            match by_consumer.get(&consumer) {
+                Some(existing) => {
+                    duplicates += 1;
+                    if rank(&entry) > rank(existing) {
+                        by_consumer.insert(consumer, entry);
+                    }
+                }
+                None => {
+                    by_consumer.insert(consumer, entry);
+                }
+            }
+        }
+        for entry in by_consumer.into_values() {
+            match entry {
+                Entry::Acked(a) => self.acked.push(a),
+                Entry::Failed(f) => self.failed.push(f),
+                Entry::Pending(p) => self.pending.push(p),
+            }
+        }
+        self.subscribers = (self.subscribers + other.subscribers).saturating_sub(duplicates);
+        self.unlisted.extend(other.unlisted);
+        self.settle();
+    }
+
+    /// Counts a core that is not listed (see [`Propagation::unlisted`]).
+    pub fn count_unlisted(&mut self, counts: CoreCounts) {
+        self.subscribers += counts.summary.subscribers;
+        self.unlisted.push(counts);
+        self.settle();
+    }
+
+    /// Recomputes the state from the lists and the unlisted cores.
+    fn settle(&mut self) {
+        let summary = self.summary();
+        self.state = state_of(summary.pending, summary.failed);
+    }
+}
+
+impl PropagationSummary {
+    /// Folds another core's counts in (listings: consumers are not told apart).
+    pub fn merge(&mut self, other: &PropagationSummary) {
+        self.subscribers += other.subscribers;
+        self.acked += other.acked;
+        self.pending += other.pending;
+        self.failed += other.failed;
+        self.state = state_of(self.pending, self.failed);
+    }
+
+    /// Whether every subscriber it counts answered `revision` (or a later one).
+    pub fn answered(&self, revision: Revision) -> bool {
+        self.revision >= revision && self.pending == 0
+    }
+}
+
+/// The state of a propagation with `pending` and `failed` consumers.
+pub(super) fn state_of(pending: usize, failed: usize) -> PropagationState {
+    if pending > 0 {
+        PropagationState::Pending
+    } else if failed > 0 {
+        PropagationState::Failed
+    } else {
+        PropagationState::Complete
     }
 }
 
 /// A consumer as the admin API shows it: one live subscription, or a consumer that left
-/// recently.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// recently (or registered and has not deregistered).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerStatus {
     /// The consumer, suffix included.
     pub consumer_id: ConsumerId,
-    /// The subscription's id in this process (`None` once it left).
+    /// The core serving it (or that served it last).
+    pub core: Arc<str>,
+    /// The subscription's id in that core's process (`None` once it left).
     pub subscription: Option<u64>,
     /// Whether the subscription is live.
     pub connected: bool,
     /// `grpc` or `quic`.
-    pub transport: &'static str,
+    pub transport: Cow<'static, str>,
     /// The peer's address, if known.
     pub remote: Option<SocketAddr>,
     /// The workers it follows (`None`: every worker), the first [`LISTED_WORKERS`] of them.
@@ -177,7 +322,7 @@ pub struct ConsumerStatus {
 }
 
 /// A failure to apply, as listed with a consumer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerFailure {
     /// The worker.
     pub worker: WorkerName,
@@ -202,10 +347,25 @@ struct Departed {
 }
 
 impl Departed {
-    /// Whether it still counts at `now`: it left less than `remember` before.
-    fn remembered(&self, now: Instant, remember: Duration) -> bool {
-        now.duration_since(self.at) < remember
+    /// Whether it still counts at `now`: it registered (and has not deregistered), or it left
+    /// less than `remember` before.
+    fn remembered(
+        &self,
+        now: Instant,
+        remember: Duration,
+        registered: &HashSet<ConsumerId>,
+    ) -> bool {
+        now.duration_since(self.at) < remember || registered.contains(&self.info.consumer_id)
     }
+}
+
+/// Which workers' propagation may have changed since a [`Tracker::take_dirty`].
+#[derive(Debug, Default)]
+pub(super) struct Dirty {
+    /// Every worker (subscriptions started or ended).
+    pub(super) all: bool,
+    /// These workers (acknowledgements, new revisions).
+    pub(super) workers: HashSet<WorkerName>,
 }
 
 #[derive(Default)]
@@ -231,6 +391,10 @@ struct TrackerState {
     /// Entries whose consumer has come back (or left again since) are skipped when reached.
     departures: VecDeque<(Instant, ConsumerId)>,
     acks: HashMap<ConsumerId, HashMap<WorkerName, AckState>>,
+    /// Consumers that registered and have not deregistered: they never age out.
+    registered: HashSet<ConsumerId>,
+    /// Kept only when the core shares its view with other cores (see [`Tracker::track_dirty`]).
+    dirty: Option<Dirty>,
 }
 
 impl TrackerState {
@@ -278,10 +442,10 @@ impl TrackerState {
         }
     }
 
-    /// Forgets a departed consumer with its acknowledgements.
-    fn forget(&mut self, consumer: &ConsumerId) {
+    /// Forgets a departed consumer with its acknowledgements; `false` if it had not departed.
+    fn forget(&mut self, consumer: &ConsumerId) -> bool {
         if self.undepart(consumer).is_none() {
-            return;
+            return false;
         }
         self.acks.remove(consumer);
         let identity = consumer.identity();
@@ -291,12 +455,14 @@ impl TrackerState {
                 self.ids.remove(identity);
             }
         }
+        true
     }
 
     /// Forgets the oldest departure of `identity`; `false` if it has none.
     fn forget_oldest_of(&mut self, identity: &str) -> bool {
         let oldest = self.departures.iter().position(|(at, consumer)| {
             consumer.identity() == identity
+                && !self.registered.contains(consumer)
                 && self.departed.get(consumer).is_some_and(|d| d.at == *at)
         });
         let Some(position) = oldest else {
@@ -322,20 +488,38 @@ impl TrackerState {
             let Some((at, consumer)) = self.departures.pop_front() else {
                 return;
             };
-            if self.departed.get(&consumer).is_some_and(|d| d.at == at) {
+            // A registered consumer is bounded by the registry, not forgotten here.
+            if self.departed.get(&consumer).is_some_and(|d| d.at == at)
+                && !self.registered.contains(&consumer)
+            {
                 self.forget(&consumer);
                 bound.count();
             }
         }
     }
 
-    /// Whether `consumer` is live, or left less than `remember` before `now`.
+    /// Whether `consumer` is live, or left and is still remembered at `now`.
     fn counts(&self, consumer: &ConsumerId, now: Instant, remember: Duration) -> bool {
         self.connected.contains_key(consumer)
             || self
                 .departed
                 .get(consumer)
-                .is_some_and(|d| d.remembered(now, remember))
+                .is_some_and(|d| d.remembered(now, remember, &self.registered))
+    }
+
+    fn dirty_all(&mut self) {
+        if let Some(dirty) = &mut self.dirty {
+            dirty.all = true;
+            dirty.workers.clear();
+        }
+    }
+
+    fn dirty_worker(&mut self, worker: &WorkerName) {
+        if let Some(dirty) = &mut self.dirty
+            && !dirty.all
+        {
+            dirty.workers.insert(worker.clone());
+        }
     }
 }
 
@@ -380,17 +564,92 @@ pub(super) struct Tracker {
     generation: watch::Sender<u64>,
     remember: Duration,
     bounds: Bounds,
+    /// The core whose subscriptions these are, named in every entry.
+    core: Arc<str>,
 }
 
 impl Tracker {
-    /// A tracker that counts a departed consumer for `remember` after it left, within
-    /// `bounds`.
-    pub(super) fn new(remember: Duration, bounds: Bounds) -> Self {
+    /// A tracker of `core`'s subscriptions that counts a departed (unregistered) consumer for
+    /// `remember` after it left, within `bounds`.
+    pub(super) fn new(remember: Duration, bounds: Bounds, core: Arc<str>) -> Self {
         Self {
             state: Mutex::new(TrackerState::default()),
             generation: watch::Sender::new(0),
             remember,
             bounds,
+            core,
+        }
+    }
+    /// Starts keeping which workers' propagation changed, for [`Tracker::take_dirty`].
+    pub(super) fn track_dirty(&self) {
+        lock(&self.state).dirty = Some(Dirty {
+            all: true,
+            workers: HashSet::new(),
+        });
+    }
+
+    /// Which workers' propagation may have changed since the last call.
+    pub(super) fn take_dirty(&self) -> Dirty {
+        lock(&self.state)
+            .dirty
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Says that `workers` have new revisions (or that every worker may have, with `None`).
+    pub(super) fn changed_workers<'a>(
+        &self,
+        workers: Option<impl Iterator<Item = &'a WorkerName>>,
+    ) {
+        {
+            let mut state = lock(&self.state);
+            match workers {
+                None => state.dirty_all(),
+                Some(workers) => workers.for_each(|w| state.dirty_worker(w)),
+            }
+        }
+        self.bump();
+    }
+
+    /// Remembers that `consumer` registered: it counts until [`Tracker::forget`].
+    pub(super) fn registered(&self, consumer: ConsumerId) {
+        let mut state = lock(&self.state);
+        if state.registered.insert(consumer) {
+            state.membership += 1;
+            state.dirty_all();
+        }
+    }
+
+    /// Forgets `consumer`'s registration, and its departure and answers if it has no live
+    /// subscription here. Returns whether there was anything to forget.
+    pub(super) fn forget(&self, consumer: &ConsumerId) -> bool {
+        let known = {
+            let mut state = lock(&self.state);
+            let registered = state.registered.remove(consumer);
+            let departed = state.forget(consumer);
+            state.membership += 1;
+            state.dirty_all();
+            registered || departed || state.connected.contains_key(consumer)
+        };
+        self.bump();
+        known
+    }
+
+    /// Forgets `consumer`'s departure and answers (it subscribed on another core, which now
+    /// tracks it), keeping its registration.
+    pub(super) fn moved(&self, consumer: &ConsumerId) {
+        let moved = {
+            let mut state = lock(&self.state);
+            let moved = state.forget(consumer);
+            if moved {
+                state.membership += 1;
+                state.dirty_all();
+            }
+            moved
+        };
+        if moved {
+            self.bump();
         }
     }
 
@@ -445,6 +704,7 @@ impl Tracker {
                 *state.ids.entry(identity.into()).or_default() += 1;
             }
             state.membership += 1;
+            state.dirty_all();
             state.undepart(&info.consumer_id);
             *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
             state.live.insert(info.id, info);
@@ -457,6 +717,7 @@ impl Tracker {
         {
             let mut state = lock(&self.state);
             state.membership += 1;
+            state.dirty_all();
             if let Some(info) = state.live.remove(&id) {
                 let left = match state.connected.get_mut(&info.consumer_id) {
                     Some(count) if *count > 1 => {
@@ -486,7 +747,10 @@ impl Tracker {
             .partition_point(|(at, _)| now.duration_since(*at) >= self.remember);
         let expired: Vec<_> = state.departures.drain(..expired).collect();
         for (at, consumer) in expired {
-            if state.departed.get(&consumer).is_some_and(|d| d.at == at) {
+            // A registered consumer stays (without a place in the queue) until it deregisters.
+            if state.departed.get(&consumer).is_some_and(|d| d.at == at)
+                && !state.registered.contains(&consumer)
+            {
                 state.forget(&consumer);
             }
         }
@@ -540,6 +804,7 @@ impl Tracker {
                     }
                 }
             }
+            state.dirty_worker(worker);
         }
         self.bump();
         true
@@ -558,7 +823,14 @@ impl Tracker {
     /// Where `revision` of `worker` stands now.
     pub(super) fn propagation(&self, worker: &WorkerName, revision: Revision) -> Propagation {
         let now = Instant::now();
-        propagation_of(&lock(&self.state), self.remember, now, worker, revision)
+        propagation_of(
+            &lock(&self.state),
+            &self.core,
+            self.remember,
+            now,
+            worker,
+            revision,
+        )
     }
 
     /// Where `revision` of `worker` stands, once no current subscriber is pending on it.
@@ -589,7 +861,7 @@ impl Tracker {
         }
         look.pending
             .is_empty()
-            .then(|| propagation_of(&state, self.remember, now, worker, revision))
+            .then(|| propagation_of(&state, &self.core, self.remember, now, worker, revision))
     }
 
     /// Every live subscription, then every recently departed consumer. `latest(filter)` gives
@@ -622,9 +894,10 @@ impl Tracker {
             failures.sort_by(|a, b| a.worker.cmp(&b.worker));
             ConsumerStatus {
                 consumer_id: info.consumer_id.clone(),
+                core: self.core.clone(),
                 subscription: connected.then_some(info.id),
                 connected,
-                transport: info.transport,
+                transport: Cow::Borrowed(info.transport),
                 remote: info.remote,
                 workers: info
                     .filter
@@ -653,7 +926,7 @@ impl Tracker {
         let mut departed: Vec<_> = state
             .departed
             .values()
-            .filter(|d| d.remembered(now, self.remember))
+            .filter(|d| d.remembered(now, self.remember, &state.registered))
             .map(|d| describe(&d.info, false))
             .collect();
         departed.sort_by(|a, b| a.consumer_id.cmp(&b.consumer_id));
@@ -692,6 +965,7 @@ fn answer<'a>(
 /// Where `revision` of `worker` stands in `state`, departures counted against `now`.
 fn propagation_of(
     state: &TrackerState,
+    core: &Arc<str>,
     remember: Duration,
     now: Instant,
     worker: &WorkerName,
@@ -700,49 +974,47 @@ fn propagation_of(
     let members = members(state, remember, now, |filter| filter.matches(worker));
     let (mut acked, mut pending, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     for (consumer, member) in &members {
-        let transport = member.info.transport;
+        let transport = Cow::Borrowed(member.info.transport);
         let consumer_id = (*consumer).clone();
+        let core = core.clone();
         match answer(state, consumer, worker, revision) {
             Answer::Applied(a) => acked.push(Acked {
                 consumer_id,
+                core,
                 transport,
                 revision: a.applied,
                 latency_ms: a.latency_ms,
             }),
             Answer::Failed(at, reason) => failed.push(Failed {
                 consumer_id,
+                core,
                 transport,
                 revision: at,
                 reason: reason.to_owned(),
             }),
             Answer::Pending => pending.push(Pending {
                 consumer_id,
+                core,
                 transport,
                 connected: member.connected,
                 delivered: member.delivered >= revision,
             }),
         }
     }
-    let state = if !pending.is_empty() {
-        PropagationState::Pending
-    } else if !failed.is_empty() {
-        PropagationState::Failed
-    } else {
-        PropagationState::Complete
-    };
     Propagation {
         revision,
-        state,
+        state: state_of(pending.len(), failed.len()),
         subscribers: members.len(),
         acked,
         pending,
         failed,
+        unlisted: Vec::new(),
     }
 }
 
 /// The current subscribers passing `matches`, one per consumer id: its live subscriptions
-/// (the furthest delivered counts), or, without one, its last subscription if it left less
-/// than `remember` before `now`.
+/// (the furthest delivered counts), or, without one, its last subscription if it is still
+/// remembered at `now` (see [`Departed::remembered`]).
 fn members<'a>(
     state: &'a TrackerState,
     remember: Duration,
@@ -762,7 +1034,7 @@ fn members<'a>(
             });
     }
     for (consumer, departed) in &state.departed {
-        if departed.remembered(now, remember) && matches(&departed.info.filter) {
+        if departed.remembered(now, remember, &state.registered) && matches(&departed.info.filter) {
             members.entry(consumer).or_insert(Member {
                 info: &departed.info,
                 connected: false,
@@ -804,7 +1076,7 @@ mod tests {
 
     #[test]
     fn a_departure_is_forgotten_with_its_acks_once_remember_has_passed() {
-        let tracker = Tracker::new(REMEMBER, Bounds::default());
+        let tracker = Tracker::new(REMEMBER, Bounds::default(), "core-test".into());
         let a = info(1, "edge/a");
         let consumer = a.consumer_id.clone();
         tracker.subscribed(a).unwrap();
@@ -822,7 +1094,7 @@ mod tests {
 
     #[test]
     fn a_consumer_that_came_back_and_left_again_counts_from_its_last_departure() {
-        let tracker = Tracker::new(REMEMBER, Bounds::default());
+        let tracker = Tracker::new(REMEMBER, Bounds::default(), "core-test".into());
         let consumer = info(1, "edge/a").consumer_id.clone();
         tracker.subscribed(info(1, "edge/a")).unwrap();
         tracker.unsubscribed(1);
@@ -851,7 +1123,7 @@ mod tests {
         Arc<SubscriberInfo>,
     ) {
         let worker = WorkerName::parse("app").unwrap();
-        let tracker = Tracker::new(REMEMBER, Bounds::default());
+        let tracker = Tracker::new(REMEMBER, Bounds::default(), "core-test".into());
         (tracker, worker, info(1, "edge/a"), info(2, "edge/b"))
     }
 
@@ -895,8 +1167,80 @@ mod tests {
     }
 
     #[test]
+    fn a_registered_consumer_outlives_remember_until_it_is_forgotten() {
+        let (tracker, worker, a, b) = app_and_two_edges();
+        let (registered, plain) = (a.consumer_id.clone(), b.consumer_id.clone());
+        tracker.registered(registered.clone());
+        tracker.subscribed(a).unwrap();
+        tracker.subscribed(b).unwrap();
+        tracker.unsubscribed(1);
+        tracker.unsubscribed(2);
+        let left = departed_at(&tracker, &plain).unwrap();
+        {
+            let mut state = lock(&tracker.state);
+            tracker.forget_old(&mut state, left + REMEMBER * 10);
+            assert!(state.knows(&registered) && !state.knows(&plain));
+        }
+        let mut look = Look::default();
+        assert!(
+            tracker
+                .answered(&worker, 1, &mut look, left + REMEMBER * 10)
+                .is_none(),
+            "the registered consumer is still waited for"
+        );
+        assert_eq!(look.pending, std::slice::from_ref(&registered));
+        assert!(tracker.forget(&registered));
+        let done = tracker
+            .answered(&worker, 1, &mut look, left + REMEMBER * 10)
+            .unwrap();
+        assert_eq!(
+            (done.state, done.subscribers),
+            (PropagationState::Complete, 0)
+        );
+        assert!(!tracker.forget(&registered), "nothing left to forget");
+    }
+
+    #[test]
+    fn merging_two_cores_lists_a_moved_consumer_once_by_its_best_answer() {
+        let (one, worker, a, b) = app_and_two_edges();
+        let other = Tracker::new(REMEMBER, Bounds::default(), "core-other".into());
+        let (moved, stays) = (a.consumer_id.clone(), b.consumer_id.clone());
+        // `a` left `one` (pending there) and acked on `other`; `b` is pending on `one`.
+        one.subscribed(a.clone()).unwrap();
+        one.subscribed(b).unwrap();
+        one.unsubscribed(1);
+        other.subscribed(info(7, "edge/a")).unwrap();
+        assert!(other.record(&moved, &worker, 1, Ok(()), Some(3)));
+        let mut fleet = one.propagation(&worker, 1);
+        fleet.merge(other.propagation(&worker, 1));
+        assert_eq!(fleet.subscribers, 2);
+        assert_eq!(fleet.acked.len(), 1);
+        assert_eq!(fleet.acked[0].consumer_id, moved);
+        assert_eq!(&*fleet.acked[0].core, "core-other");
+        assert_eq!(fleet.pending.len(), 1);
+        assert_eq!(fleet.pending[0].consumer_id, stays);
+        assert_eq!(&*fleet.pending[0].core, "core-test");
+        assert_eq!(fleet.state, PropagationState::Pending);
+
+        // A core counted but not listed keeps the state pending while it has pending ones.
+        assert!(one.record(&stays, &worker, 1, Ok(()), None));
+        let mut fleet = one.propagation(&worker, 1);
+        fleet.merge(other.propagation(&worker, 1));
+        assert_eq!(fleet.state, PropagationState::Complete);
+        let mut summary = fleet.summary();
+        summary.pending = 2;
+        fleet.count_unlisted(CoreCounts {
+            core: "core-dead".into(),
+            alive: false,
+            summary,
+        });
+        assert_eq!(fleet.state, PropagationState::Pending);
+        assert_eq!(fleet.summary().pending, 2);
+    }
+
+    #[test]
     fn departures_of_a_flapping_consumer_stay_bounded() {
-        let tracker = Tracker::new(REMEMBER, Bounds::default());
+        let tracker = Tracker::new(REMEMBER, Bounds::default(), "core-test".into());
         for id in 0..10_000 {
             tracker.subscribed(info(id, "edge/a")).unwrap();
             tracker.unsubscribed(id);
@@ -916,7 +1260,7 @@ mod tests {
             consumer_ids_per_identity: 10_000,
             ..Bounds::default()
         };
-        let tracker = Tracker::new(REMEMBER, bounds);
+        let tracker = Tracker::new(REMEMBER, bounds, "core-test".into());
         let everyone: Vec<_> = (0..10_000)
             .map(|id| info(id, &format!("edge/h{id}")))
             .collect();
@@ -942,7 +1286,7 @@ mod tests {
             departed_consumers: 3,
             ..Bounds::default()
         };
-        let tracker = Tracker::new(REMEMBER, bounds);
+        let tracker = Tracker::new(REMEMBER, bounds, "core-test".into());
         for id in 0..5 {
             tracker
                 .subscribed(info(id, &format!("edge/h{id}")))
@@ -968,7 +1312,7 @@ mod tests {
             departed_bytes: 100 << 10,
             ..Bounds::default()
         };
-        let tracker = Tracker::new(REMEMBER, bounds);
+        let tracker = Tracker::new(REMEMBER, bounds, "core-test".into());
         // The same thousand names, fifty times: one copy, well inside the budget.
         for id in 0..50 {
             tracker
@@ -1001,7 +1345,7 @@ mod tests {
             consumer_ids_per_identity: 2,
             ..Bounds::default()
         };
-        let tracker = Tracker::new(REMEMBER, bounds);
+        let tracker = Tracker::new(REMEMBER, bounds, "core-test".into());
         tracker.subscribed(info(1, "edge/a")).unwrap();
         tracker.subscribed(info(2, "edge/b")).unwrap();
         // The same id again is no new id.

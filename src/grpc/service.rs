@@ -12,8 +12,9 @@ use crate::{
     acl::AclStore,
     core::{Coded, Core, Ended, RequestError},
     pb::{
-        AckRequest, AckResponse, EncodedUpdate, FetchWorkerRequest, ListWorkersRequest,
-        ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
+        AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, EncodedUpdate,
+        FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
+        RegisterResponse, SubscribeRequest, WorkerChunk,
         server::control_plane_server::ControlPlane,
     },
     quota::{IdentityLimits, IdentityQuota, QuotaPermit},
@@ -150,6 +151,17 @@ impl ControlPlane for ControlPlaneService {
     ) -> Result<Response<RegisterResponse>, Status> {
         let peer = peer(&request)?;
         let response = requests::register(&self.core, self.caller(&peer), request.into_inner())
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(response))
+    }
+
+    async fn deregister_consumer(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let peer = peer(&request)?;
+        let response = requests::deregister(&self.core, self.caller(&peer), request.into_inner())
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(response))

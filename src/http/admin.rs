@@ -2,7 +2,10 @@
 //! the upload token):
 //!
 //! - `GET /v1/workers`, `GET /v1/workers/{name}`, `GET /v1/consumers`: JSON, with
-//!   `Authorization: Bearer <token>` (or the session cookie);
+//!   `Authorization: Bearer <token>` (or the session cookie), fleet-wide when several cores
+//!   share a store (each entry names its core);
+//! - `DELETE /v1/consumers/{id}`: deregisters a consumer on every core (it stops counting
+//!   among the workers' subscribers); 200 with `{"consumer_id", "existed"}`;
 //! - `GET /`: the live status page. The token is given once, as `?token=` or through the login
 //!   form (`POST /login`); it answers with an HttpOnly, SameSite=Strict cookie naming a
 //!   server-side session that expires (`ADMIN_SESSION_TTL`), and a redirect to `/`, so the
@@ -27,7 +30,7 @@ use axum::{
         IntoResponse, Redirect, Response,
         sse::{Event, KeepAlive, Sse},
     },
-    routing::{get, post},
+    routing::{delete, get, post},
 };
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
@@ -40,7 +43,7 @@ use super::{
     status_page,
 };
 use crate::core::{
-    ConsumerStatus, Core, Epoch, Propagation, PropagationSummary, Revision, WorkerName,
+    ConsumerId, ConsumerStatus, Core, Epoch, Propagation, PropagationSummary, Revision, WorkerName,
     WorkerStatus,
 };
 
@@ -85,6 +88,7 @@ pub fn router(core: Arc<Core>, token: BearerToken, sessions: Arc<Sessions>) -> R
         .route("/v1/workers", get(workers))
         .route("/v1/workers/{name}", get(worker))
         .route("/v1/consumers", get(consumers))
+        .route("/v1/consumers/{*id}", delete(deregister))
         .route("/status/events", get(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .route("/", get(page))
@@ -118,12 +122,7 @@ async fn workers(State(state): State<AdminState>) -> Json<WorkersAnswer> {
     Json(WorkersAnswer {
         epoch: state.core.epoch(),
         head: state.core.head(),
-        workers: state
-            .core
-            .workers_status()
-            .into_iter()
-            .map(WorkerStatus::summarized)
-            .collect(),
+        workers: state.core.fleet_workers_status().await,
     })
 }
 
@@ -134,7 +133,8 @@ async fn worker(
     let name = WorkerName::parse(&name).map_err(|e| ApiError::from_coded(&e))?;
     state
         .core
-        .worker_status(&name)
+        .fleet_worker_status(&name)
+        .await
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("worker {name} not found")))
 }
@@ -142,8 +142,42 @@ async fn worker(
 async fn consumers(State(state): State<AdminState>) -> Json<ConsumersAnswer> {
     Json(ConsumersAnswer {
         head: state.core.head(),
-        consumers: state.core.consumers_status(),
+        consumers: state.core.fleet_consumers_status().await,
     })
+}
+
+/// `DELETE /v1/consumers/{id}`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeregisterAnswer {
+    /// The consumer.
+    pub consumer_id: ConsumerId,
+    /// Whether it was known (registered, subscribed or remembered) before.
+    pub existed: bool,
+}
+
+async fn deregister(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeregisterAnswer>, ApiError> {
+    let identity = id.split('/').next().unwrap_or_default();
+    let consumer_id = match ConsumerId::authorize(identity, &id) {
+        Ok(consumer_id) if !identity.is_empty() => consumer_id,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid consumer id in the path: give the full consumer_id, suffix included",
+            ));
+        }
+    };
+    let existed = state
+        .core
+        .deregister(&consumer_id)
+        .await
+        .map_err(|e| ApiError::from_coded(&e))?;
+    Ok(Json(DeregisterAnswer {
+        consumer_id,
+        existed,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -164,9 +198,8 @@ async fn page(State(state): State<AdminState>, uri: Uri, headers: HeaderMap) -> 
             status_page::login(nonce, None)
         });
     }
-    html(StatusCode::OK, |nonce| {
-        status_page::page(nonce, &status_page::Snapshot::of(&state.core))
-    })
+    let snapshot = status_page::Snapshot::read(&state.core).await;
+    html(StatusCode::OK, |nonce| status_page::page(nonce, &snapshot))
 }
 
 async fn login(State(state): State<AdminState>, Form(form): Form<TokenForm>) -> Response {
@@ -253,7 +286,7 @@ async fn events(
                 }
             }
             changes.borrow_and_update();
-            let fragment = status_page::fragment(&status_page::Snapshot::of(&core));
+            let fragment = status_page::fragment(&status_page::Snapshot::read(&core).await);
             let event = Event::default().event("state").data(fragment);
             Some((Ok(event), (core, changes, shutdown, Some(Instant::now()))))
         });

@@ -22,13 +22,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Reads it from the core.
-    pub fn of(core: &Core) -> Self {
+    /// Reads it from the core (fleet-wide when the core has a fleet).
+    pub async fn read(core: &Core) -> Self {
         Self {
             epoch: core.epoch(),
             head: core.head(),
-            workers: core.workers_status(),
-            consumers: core.consumers_status(),
+            workers: core.fleet_workers_detail().await,
+            consumers: core.fleet_consumers_status().await,
         }
     }
 }
@@ -221,7 +221,7 @@ fn consumers(html: &mut String, consumers: &[ConsumerStatus]) {
             "<tr data-consumer=\"{id}\"><td>{id}</td><td>{}</td><td>{}</td><td>{workers}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num lag\">{}</td>\
              <td>{status}",
-            escape(consumer.transport),
+            escape(&consumer.transport),
             escape(&remote),
             consumer.delivered_revision,
             consumer.acked_revision,

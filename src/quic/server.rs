@@ -566,7 +566,7 @@ async fn dispatch(
     let response = match request.request {
         None => {
             return Err(StreamEnd::invalid(
-                "empty request: set one of subscribe, register, ack, fetch, list",
+                "empty request: set one of subscribe, register, deregister, ack, fetch, list",
             ));
         }
         Some(Request::Subscribe(request)) => {
@@ -598,6 +598,10 @@ async fn dispatch(
         Some(Request::Register(request)) => {
             let caller = peer.caller(&shared.access.acl);
             Response::Registered(requests::register(core, caller, request).await?)
+        }
+        Some(Request::Deregister(request)) => {
+            let caller = peer.caller(&shared.access.acl);
+            Response::Deregistered(requests::deregister(core, caller, request).await?)
         }
         Some(Request::Ack(request)) => {
             let caller = peer.caller(&shared.access.acl);

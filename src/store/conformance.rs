@@ -29,6 +29,7 @@ where
     keeps_consumer_records(&make().await).await;
     tells_its_head(&make().await).await;
     claims_each_request_once(&make().await).await;
+    removes_a_consumer_record(&make().await).await;
 }
 
 async fn tells_its_head(store: &impl Store) {
@@ -352,6 +353,36 @@ async fn keeps_consumer_records(store: &impl Store) {
         .unwrap_or_else(|e| panic!("{e}"));
     record.last_seen_ms = 4;
     assert_eq!(store.consumers().await.ok(), Some(vec![record]));
+}
+
+async fn removes_a_consumer_record(store: &impl Store) {
+    store.load().await.unwrap_or_else(|e| panic!("{e}"));
+    let record = |suffix: &str| ConsumerRecord {
+        id: ConsumerId::authorize("edge-1", &format!("edge-1/{suffix}"))
+            .unwrap_or_else(|e| panic!("{e}")),
+        endpoint: "10.0.0.1:9000".to_owned(),
+        labels: BTreeMap::new(),
+        transport: "quic".to_owned(),
+        first_seen_ms: 1,
+        last_seen_ms: 2,
+        last_acked_revision: 3,
+    };
+    let (gone, kept) = (record("gone"), record("kept"));
+    for r in [&gone, &kept] {
+        store
+            .save_consumer(r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let removed = store.remove_consumer(&gone.id).await;
+    assert!(removed.unwrap_or_else(|e| panic!("{e}")), "it was there");
+    assert_eq!(store.consumers().await.ok(), Some(vec![kept.clone()]));
+    let again = store.remove_consumer(&gone.id).await;
+    assert!(
+        !again.unwrap_or_else(|e| panic!("{e}")),
+        "it was gone already"
+    );
+    assert_eq!(store.consumers().await.ok(), Some(vec![kept]));
 }
 
 /// For persistent engines: what `first` committed is all there after reopening as `second`

@@ -460,6 +460,22 @@ impl Store for FileStore {
         Ok(())
     }
 
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        self.check()?;
+        let removed = {
+            let mut registry = lock(&self.shared.registry);
+            let removed = registry.records.remove(id).is_some();
+            if removed {
+                registry.dirty.insert(id.clone());
+            }
+            removed
+        };
+        if removed {
+            self.shared.registry_changed.notify_one();
+        }
+        Ok(removed)
+    }
+
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
         self.check()?;
         Ok(lock(&self.shared.registry)
@@ -861,13 +877,16 @@ async fn flush_registry(
 
 /// Appends the changed records (or compacts, when due); answers the file's new size.
 async fn write_registry(shared: &Arc<Shared>, file: RegistryFile) -> RegistryFile {
-    let compact = file.compaction_due();
-    let (records, changed): (Vec<ConsumerRecord>, Vec<ConsumerId>) = {
+    let (records, changed, compact): (Vec<ConsumerRecord>, Vec<ConsumerId>, bool) = {
         let mut registry = lock(&shared.registry);
         if registry.dirty.is_empty() {
             return file;
         }
         let changed: Vec<_> = registry.dirty.drain().collect();
+        // A removed record has no line to append (the last line of an id wins): rewrite the
+        // file without it. Removals are rare (deregistrations).
+        let compact =
+            file.compaction_due() || changed.iter().any(|id| !registry.records.contains_key(id));
         let records = if compact {
             registry.records.values().cloned().collect()
         } else {
@@ -876,7 +895,7 @@ async fn write_registry(shared: &Arc<Shared>, file: RegistryFile) -> RegistryFil
                 .filter_map(|id| registry.records.get(id).cloned())
                 .collect()
         };
-        (records, changed)
+        (records, changed, compact)
     };
     let dir = shared.dir.clone();
     let written = blocking(move || {

@@ -104,6 +104,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        Ok(self.lock().consumers.remove(id).is_some())
+    }
+
     async fn consumers(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
         let mut all: Vec<_> = self.lock().consumers.values().cloned().collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));

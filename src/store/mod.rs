@@ -11,6 +11,7 @@
 mod claims;
 pub mod conformance;
 mod file;
+mod fleet;
 mod memory;
 mod redis;
 mod state;
@@ -24,6 +25,9 @@ use tokio::sync::watch;
 
 pub use self::redis::{RedisConfig, RedisStore};
 pub use file::{FileStore, FileStoreConfig};
+pub use fleet::{
+    CoreView, DEAD_AFTER, Fleet, HEARTBEAT, Heard, News, RedisFleet, RedisFleetConfig,
+};
 pub use memory::MemoryStore;
 pub use state::StateMachine;
 
@@ -255,6 +259,8 @@ pub trait Store: Send + Sync + 'static {
         let _ = (latest, timestamp_ms);
         Ok(Reseeded::NotLost)
     }
+    /// Removes a consumer's registry entry (deregistration); answers whether there was one.
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError>;
 
     /// Flushes what is buffered and stops background work (shutdown). Nothing committed is
     /// ever buffered: this concerns the consumer registry only.

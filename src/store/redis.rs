@@ -71,7 +71,7 @@
 //! per consumer and written in the background, so acks keep being answered while Redis is
 //! away; see [`registry`].
 
-mod link;
+pub(crate) mod link;
 mod registry;
 
 use std::{
@@ -99,7 +99,7 @@ use super::{
     Change, ChangeKind, ConsumerRecord, Outcome, Proposal, Recovered, Reseeded, Store, StoreError,
     Tail,
 };
-use crate::core::types::{Checksum, Epoch, Revision, Version, WorkerName};
+use crate::core::types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerName};
 
 /// How to reach Redis and where to keep the state in it.
 #[derive(Clone, Debug)]
@@ -198,23 +198,11 @@ impl RedisStore {
     /// `response_timeout`) while Redis cannot be reached. Fails only on an invalid URL or
     /// outside a Tokio runtime.
     pub fn connect(config: RedisConfig) -> Result<Self, StoreError> {
-        let invalid = |what: String| {
-            StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
-        };
         if config.key_prefix.is_empty() {
-            return Err(invalid("redis key prefix is empty".to_owned()));
+            return Err(invalid_config("redis key prefix is empty".to_owned()));
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| invalid(format!("redis store needs a Tokio runtime: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            // Few, short retries inside the manager: each operation is bounded by the response
-            // timeout anyway, and a failed reconnect is retried by the next operation.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        // The URL may hold a password: the error names the problem, never the URL.
-        let link = Arc::new(Link::open(&config.url, manager_config).map_err(invalid)?);
+        let (link, runtime) =
+            open_link(&config.url, config.connect_timeout, config.response_timeout)?;
 
         let keys = Keys::new(&config.key_prefix);
         let head = watch::Sender::new(0);
@@ -385,6 +373,32 @@ impl RedisStore {
         }
         Ok(())
     }
+}
+
+/// Opens a [`Link`] for `url` with the connection settings every Redis user of a core shares
+/// (the store and the fleet), and the runtime to spawn on, without waiting for Redis. Fails
+/// only on an invalid URL or outside a Tokio runtime.
+pub(crate) fn open_link(
+    url: &str,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<(Arc<Link>, tokio::runtime::Handle), StoreError> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| invalid_config(format!("redis needs a Tokio runtime: {e}")))?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(response_timeout))
+        // Few, short retries inside the manager: each operation is bounded by the response
+        // timeout anyway, and a failed reconnect is retried by the next operation.
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    // The URL may hold a password: the error names the problem, never the URL.
+    let link = Link::open(url, manager_config).map_err(invalid_config)?;
+    Ok((Arc::new(link), runtime))
+}
+
+fn invalid_config(what: String) -> StoreError {
+    StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what))
 }
 
 /// Why Redis with these `CONFIG GET append*` settings may lose acknowledged writes, if it may.
@@ -704,6 +718,10 @@ impl Store for RedisStore {
         self.registry.read().await
     }
 
+    async fn remove_consumer(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        self.registry.remove(id).await
+    }
+
     /// Writes the registry saves that wait; the background tasks stop when the store is
     /// dropped.
     async fn close(&self) {
@@ -729,21 +747,7 @@ async fn follow_hints(
     let mut backoff = FIRST_BACKOFF;
     let mut down = false;
     loop {
-        let subscribe = async {
-            let client = tokio::time::timeout(connect_timeout, link.client())
-                .await
-                .map_err(|_| format!("no master named within {connect_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
-                .await
-                .map_err(|_| format!("no connection within {connect_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            tokio::time::timeout(response_timeout, pubsub.subscribe(&channel))
-                .await
-                .map_err(|_| format!("no SUBSCRIBE answer within {response_timeout:?}"))?
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(pubsub)
-        };
+        let subscribe = subscribe(&link, &channel, connect_timeout, response_timeout);
         let subscribed = tokio::select! {
             () = cancel.cancelled() => return,
             subscribed = subscribe => subscribed,
@@ -777,6 +781,28 @@ async fn follow_hints(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// A pub/sub connection subscribed to `channel`, or why not, each step within its timeout.
+pub(crate) async fn subscribe(
+    link: &Link,
+    channel: &str,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> Result<PubSub, String> {
+    let client = tokio::time::timeout(connect_timeout, link.client())
+        .await
+        .map_err(|_| format!("no master named within {connect_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    let mut pubsub = tokio::time::timeout(connect_timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| format!("no connection within {connect_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(response_timeout, pubsub.subscribe(channel))
+        .await
+        .map_err(|_| format!("no SUBSCRIBE answer within {response_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    Ok(pubsub)
 }
 
 /// Forwards hints until the connection fails (returns why) or `cancel` fires (returns `None`).

@@ -111,7 +111,11 @@ pub async fn run(args: WatchArgs, shutdown: CancellationToken) -> Result<(), Wat
     };
     let transport = transport(&args)?;
     let mut consumer = Consumer::new(transport, options, position);
-    let result = consumer.run(&mut handler, stop).await;
+    let mut result = consumer.run(&mut handler, stop).await;
+    if result.is_ok() && args.deregister {
+        // A clean exit: this host stops counting among its workers' subscribers.
+        result = consumer.deregister().await.map(drop);
+    }
     consumer.close().await;
     result?;
     if args.once && !handler.unapplied.is_empty() {

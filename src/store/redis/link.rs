@@ -28,7 +28,7 @@ struct Current {
 }
 
 /// The store's way to Redis; see the module docs.
-pub(super) struct Link {
+pub(crate) struct Link {
     target: Target,
     config: ConnectionManagerConfig,
     current: Mutex<Option<Current>>,
@@ -36,7 +36,7 @@ pub(super) struct Link {
 
 impl Link {
     /// A link for `url`. Connects lazily: nothing is reached here.
-    pub(super) fn open(url: &str, config: ConnectionManagerConfig) -> Result<Self, String> {
+    pub(crate) fn open(url: &str, config: ConnectionManagerConfig) -> Result<Self, String> {
         let target = match url.strip_prefix(SENTINEL_SCHEME) {
             Some(rest) => Target::Sentinel(tokio::sync::Mutex::new(sentinel(rest)?)),
             None => Target::Direct(Client::open(url).map_err(|e| format!("redis url: {e}"))?),
@@ -65,7 +65,7 @@ impl Link {
     }
 
     /// The connection to use now, and its generation (for [`Self::failed`]).
-    pub(super) async fn manager(&self) -> RedisResult<(u64, ConnectionManager)> {
+    pub(crate) async fn manager(&self) -> RedisResult<(u64, ConnectionManager)> {
         if let Some(current) = self.lock().as_ref() {
             return Ok((current.generation, current.manager.clone()));
         }
@@ -77,7 +77,7 @@ impl Link {
     }
 
     /// A client of the current master (for pub/sub), asking the Sentinels anew.
-    pub(super) async fn client(&self) -> RedisResult<Client> {
+    pub(crate) async fn client(&self) -> RedisResult<Client> {
         if let Target::Direct(client) = &self.target {
             return Ok(client.clone());
         }
@@ -89,7 +89,7 @@ impl Link {
     }
 
     /// With Sentinels: asks them for the master again (the pub/sub connection broke).
-    pub(super) async fn renew(&self) {
+    pub(crate) async fn renew(&self) {
         let generation = self.lock().as_ref().map(|c| c.generation);
         if let Some(generation) = generation
             && let Err(error) = self.resolve(Some(generation)).await
@@ -100,7 +100,7 @@ impl Link {
 
     /// Reports that `error` happened on the connection of `generation`: with Sentinels, a
     /// broken, refused or read-only connection makes the next use ask them for the master.
-    pub(super) async fn failed(&self, generation: u64, error: &RedisError) {
+    pub(crate) async fn failed(&self, generation: u64, error: &RedisError) {
         let moved = error.is_io_error()
             || error.is_connection_refusal()
             || error.is_connection_dropped()

@@ -104,6 +104,41 @@ impl Registry {
         self.saved.notify_one();
     }
 
+    /// Drops `id`'s unwritten saves and its record in Redis; answers whether it had either.
+    /// A save being written right now may still land after it.
+    pub(super) async fn remove(&self, id: &ConsumerId) -> Result<bool, StoreError> {
+        let queued = self.waiting().queued.remove(id).is_some();
+        let mut command = redis::cmd("HDEL");
+        command.arg(&self.key).arg(id.as_str());
+        let query = async {
+            let (generation, mut connection) = self.link.manager().await?;
+            let answer = command.query_async(&mut connection).await;
+            if let Err(error) = &answer {
+                self.link.failed(generation, error).await;
+            }
+            answer
+        };
+        let removed: u64 = self.within("consumer removal", query).await?;
+        Ok(queued || removed > 0)
+    }
+
+    /// `query`'s answer, or [`StoreError::Unavailable`] past the response timeout.
+    async fn within<T>(
+        &self,
+        what: &str,
+        query: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.response_timeout, query)
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "redis did not answer {what} within {:?}",
+                    self.response_timeout
+                ))
+            })?
+            .map_err(|e| store_error(what, &e))
+    }
+
     /// How many consumers' saves wait to be written.
     fn backlog(&self) -> usize {
         let waiting = self.waiting();
@@ -137,15 +172,7 @@ impl Registry {
                 other => other,
             }
         };
-        let stored: Vec<(String, Vec<u8>)> = tokio::time::timeout(self.response_timeout, query)
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!(
-                    "redis did not answer consumers within {:?}",
-                    self.response_timeout
-                ))
-            })?
-            .map_err(|e| store_error("consumers", &e))?;
+        let stored: Vec<(String, Vec<u8>)> = self.within("consumers", query).await?;
         let mut all = BTreeMap::new();
         for (id, json) in stored {
             match Entry::decode(&json) {
