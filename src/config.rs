@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// workerpush: push worker code to every edge host, verified, over mTLS gRPC or QUIC.
 #[derive(Debug, Parser)]
-#[command(name = "workerpush", version, about, long_about = None)]
+#[command(name = "workerpush", version = crate::VERSION_AND_COMMIT, about, long_about = None)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]

@@ -23,6 +23,18 @@
 //!   recording consumer and the checker of the delivery promises (`tests/faults.rs`).
 #![warn(missing_docs)]
 
+/// The crate's version, as `--version` and `workerpush_build_info` show it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this binary was built from (`build.rs`): a short hash, or `unknown`.
+pub const COMMIT: &str = env!("WORKERPUSH_COMMIT");
+/// `--version`'s text: the version and the commit.
+pub const VERSION_AND_COMMIT: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("WORKERPUSH_COMMIT"),
+    ")"
+);
+
 pub mod acl;
 pub mod app;
 pub mod bench;

@@ -231,7 +231,7 @@ impl Publisher {
         } else {
             (response.json().await.map_err(unexpected)?, None)
         };
-        if !accepted.created {
+        if accepted.created != Some(true) {
             return Err(format!("{version}: the core already had this version"));
         }
         Ok(waited)

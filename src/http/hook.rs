@@ -85,12 +85,19 @@ pub struct Accepted {
     pub checksum: String,
     /// Size of that version.
     pub size: u64,
-    /// Whether this request made a new change (always true for an accepted delete).
-    pub created: bool,
+    /// A put's: whether this request made a new version (`false`: a repeat of the latest one).
+    /// Absent from a delete's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+    /// `true` in a delete's answer; absent from a put's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
-impl From<Published> for Accepted {
-    fn from(p: Published) -> Self {
+impl Accepted {
+    /// The answer to `action` that made `p`.
+    fn of(action: Action, p: Published) -> Self {
+        let put = action.is_put();
         Self {
             revision: p.revision,
             epoch: p.epoch.to_string(),
@@ -98,7 +105,8 @@ impl From<Published> for Accepted {
             version: p.version.to_string(),
             checksum: p.checksum.to_string(),
             size: p.size,
-            created: p.created,
+            created: put.then_some(p.created),
+            deleted: !put,
         }
     }
 }
@@ -270,7 +278,8 @@ async fn accept(
     let metadata: Metadata = serde_json::from_slice(&form.metadata)
         .map_err(|e| Refusal::Form(format!("invalid metadata JSON: {e}")))?;
     let worker = WorkerName::parse(&metadata.worker_name)?;
-    let (status, published) = match metadata.action {
+    let action = metadata.action;
+    let (status, published) = match action {
         Action::Delete => {
             if form.worker_code.is_some() {
                 return Err(Refusal::Form("a delete takes no worker_code".to_owned()));
@@ -312,7 +321,7 @@ async fn accept(
         ),
         None => None,
     };
-    Ok((status, published.into(), propagation))
+    Ok((status, Accepted::of(action, published), propagation))
 }
 
 struct Form {
@@ -477,6 +486,7 @@ mod tests {
         assert_eq!(body["checksum"], Checksum::of(code).as_str());
         assert_eq!(body["size"], code.len());
         assert_eq!(body["created"], true);
+        assert!(body.get("deleted").is_none(), "{body}");
         assert_eq!(body["epoch"], h.core.epoch().as_str());
         let revision = body["revision"].as_u64().unwrap();
         assert_eq!(h.core.head(), revision);

@@ -1021,6 +1021,11 @@ mod tests {
         let (status, body) = h.delete("doomed").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["worker_name"], "doomed");
+        assert_eq!(body["deleted"], true, "{body}");
+        assert!(
+            body.get("created").is_none(),
+            "a delete creates nothing: {body}"
+        );
         assert!(h.live().is_empty());
         let (status, body) = h.delete("doomed").await;
         assert_eq!(status, 404, "{body}");
