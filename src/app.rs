@@ -39,10 +39,12 @@ pub enum AppError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     /// A socket could not be bound.
-    #[error("bind {addr}: {source}")]
+    #[error("cannot bind {addr} (set by {flag} and --bind): {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The flag and environment variable that chose the port, e.g. `--grpc-port / GRPC_PORT`.
+        flag: &'static str,
         /// Why.
         source: std::io::Error,
     },
@@ -221,10 +223,10 @@ async fn start_core(
     };
     let core = Core::open(store, config).await?;
 
-    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port)?;
+    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port, "--grpc-port / GRPC_PORT")?;
     let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);
-    let quic_socket = bind_udp(quic_addr)?;
-    let http_listener = bind_tcp(args.common.bind, args.http_port)?;
+    let quic_socket = bind_udp(quic_addr, "--quic-port / QUIC_PORT")?;
+    let http_listener = bind_tcp(args.common.bind, args.http_port, "--http-port / HTTP_PORT")?;
     let grpc_addr = grpc_listener.local_addr()?;
     let quic_addr = quic_socket.local_addr()?;
     let http_addr = http_listener.local_addr()?;
@@ -360,7 +362,7 @@ async fn start_upload(
         common,
         largest_body,
     );
-    let listener = bind_tcp(common.bind, port)?;
+    let listener = bind_tcp(common.bind, port, "--upload-port / UPLOAD_PORT")?;
     let addr = listener.local_addr()?;
     println!("workerpush: upload listening on {addr}");
     let accept = servers.uploads.accept.clone();
@@ -690,7 +692,8 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// Receive and send buffer of the QUIC socket (see [`bind_udp`]).
 const UDP_BUFFER_BYTES: usize = 4 << 20;
 
-fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
+/// Binds `ip:port`; a failure names `flag`, the setting that chose the port.
+fn bind_tcp(ip: IpAddr, port: u16, flag: &'static str) -> Result<TcpListener, AppError> {
     let addr = SocketAddr::new(ip, port);
     let bind = || {
         let socket = match addr {
@@ -702,7 +705,7 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
-    bind().map_err(|source| AppError::Bind { addr, source })
+    bind().map_err(|source| AppError::Bind { addr, flag, source })
 }
 
 /// Binds the QUIC socket with room for bursts: every client sends to this one socket, and
@@ -710,9 +713,9 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
 /// handshakes and acknowledgements overflow it, and each dropped handshake packet costs its
 /// client a retransmission timeout. The kernel caps the size at `net.core.rmem_max` /
 /// `wmem_max`; failing to raise it is not fatal.
-fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, AppError> {
+fn bind_udp(addr: SocketAddr, flag: &'static str) -> Result<std::net::UdpSocket, AppError> {
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, flag, source })?;
     let sized = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, UDP_BUFFER_BYTES)
         .and_then(|()| {
             rustix::net::sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER_BYTES)

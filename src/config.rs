@@ -12,6 +12,10 @@ pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on stderr look: `text` (coloured only on a terminal, never with
+    /// `NO_COLOR`) or `json` (one object per line). `RUST_LOG` filters them (default `info`).
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = crate::logs::LogFormat::Text)]
+    pub log_format: crate::logs::LogFormat,
 }
 
 /// The roles and tools.

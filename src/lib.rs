@@ -10,12 +10,16 @@
 //!   verifier and identity extractor shared by gRPC and QUIC.
 //! - [`requests`]: the contract's requests mapped onto the core (validation, identity rules),
 //!   shared by both transports.
+//! - [`peers`]: the info events of consumer connections (connected, disconnected, handshake
+//!   failed), shared by both transports.
 //! - [`quota`]: per-identity connection and stream quotas, shared by both transports.
 //! - [`grpc`]: the mutual-TLS gRPC server over the core.
 //! - [`quic`]: the mutual-TLS QUIC server over the core, and its pure framing codec.
 //! - [`http`]: the signed hook and admin endpoints of the core, and the upload server.
 //! - [`client`]: the consumer library (reconnect, resume, verify, ack) behind `watch`.
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
+//! - [`logs`]: the log subscriber: `--log-format text|json`, colour only on a terminal, a bad
+//!   `RUST_LOG` refused.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
 //! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
 //!   transports.
@@ -44,7 +48,9 @@ pub mod core;
 pub mod faults;
 pub mod grpc;
 pub mod http;
+pub mod logs;
 pub mod pb;
+pub mod peers;
 pub mod quic;
 pub mod quota;
 pub mod requests;

@@ -7,18 +7,15 @@ use tokio_util::sync::CancellationToken;
 use workerpush::{
     app, bench,
     config::{Cli, Command},
-    tls, watch,
+    logs, tls, watch,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(error) = logs::init(cli.log_format) {
+        eprintln!("workerpush: {error}");
+        return ExitCode::from(error.exit_code());
+    }
     tls::install_crypto_provider();
     if let Command::Certs(args) = &cli.command {
         return certs(args);

@@ -309,8 +309,9 @@ async fn accept(
         }
     };
     tracing::info!(
+        action = if action.is_put() { "put" } else { "delete" },
         worker = %published.worker, version = %published.version,
-        revision = published.revision, created = published.created, "hook change accepted"
+        revision = published.revision, created = published.created, "change accepted"
     );
     let propagation = match wait {
         Some(wait) => Some(
