@@ -23,6 +23,7 @@ use crate::{
     quota::IdentityLimits,
     requests::Access,
     store::{FileStore, RedisConfig, RedisStore, Store, StoreError},
+    telemetry,
     tls::{self, ServerTls, TlsError},
 };
 
@@ -311,6 +312,8 @@ async fn start_core(
     .merge(metrics_router(
         &servers.hook.accept,
         &mut servers.hook.tasks,
+        core.clone(),
+        args.redis_url.is_none(),
     ));
     let http_accept = servers.hook.accept.clone();
     let serve_config = http_serve_config(&args.common);
@@ -583,25 +586,42 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<FileStamp>> {
         .collect()
 }
 
-/// Buckets of the latency histograms, in seconds: a millisecond to a minute.
+/// Buckets of the latency histograms, in seconds: a millisecond to a minute. Every histogram
+/// has buckets, so none is rendered as a summary (whose quantiles cannot be aggregated).
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets of `workerpush_store_group_commit_changes`: changes per fsync.
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 /// `GET /metrics` (Prometheus text). Installs the process-wide recorder (once per process: a
 /// second call serves an empty page and says so), and a task that keeps its histograms from
-/// growing between scrapes.
-fn metrics_router(stop: &CancellationToken, tasks: &mut JoinSet<()>) -> axum::Router {
+/// growing between scrapes. Each scrape first reads the core's gauges and ends with the
+/// process metrics ([`telemetry`]).
+fn metrics_router(
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+    core: Arc<Core>,
+    embedded_store: bool,
+) -> axum::Router {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let installed = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_latency_seconds".to_owned()),
-            LATENCY_BUCKETS,
-        )
+        .set_buckets(LATENCY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("workerpush_store_group_commit_changes".to_owned()),
+                COUNT_BUCKETS,
+            )
+        })
         .and_then(PrometheusBuilder::install_recorder);
+    let started = telemetry::unix_seconds_now();
     let handle = match installed {
         Ok(handle) => {
             describe_metrics();
+            telemetry::start(embedded_store);
             let (upkeep, stop) = (handle.clone(), stop.clone());
             tasks.spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -622,14 +642,21 @@ fn metrics_router(stop: &CancellationToken, tasks: &mut JoinSet<()>) -> axum::Ro
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let handle = handle.clone();
+            let (handle, core) = (handle.clone(), core.clone());
             async move {
+                let page = match handle {
+                    Some(handle) => {
+                        telemetry::refresh(&core);
+                        handle.render() + &telemetry::process_text(started)
+                    }
+                    None => String::new(),
+                };
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    handle.map(|h| h.render()).unwrap_or_default(),
+                    page,
                 )
             }
         }),

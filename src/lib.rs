@@ -20,6 +20,8 @@
 //! - [`config`], [`app`]: the typed configuration and the top level that binds and drains.
 //! - [`logs`]: the log subscriber: `--log-format text|json`, colour only on a terminal, a bad
 //!   `RUST_LOG` refused.
+//! - [`telemetry`]: what `/metrics` adds to the layers' counters: every family at 0 from the
+//!   start, build info, process metrics, the head revision and consumer lag.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
 //! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
 //!   transports.
@@ -55,5 +57,6 @@ pub mod quic;
 pub mod quota;
 pub mod requests;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod watch;
