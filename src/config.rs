@@ -33,6 +33,85 @@ pub enum Command {
     Certs(CertsArgs),
     /// Measures delivery latency, throughput and loss: N subscribers, M signed publishes.
     Bench(BenchArgs),
+    /// Operates a running core through its admin API: workers, consumers, wait, delete.
+    Ctl(CtlArgs),
+    /// Prints a shell completion script (bash, zsh or fish) on stdout.
+    Completions(CompletionsArgs),
+}
+
+/// `workerpush ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The core's HTTP port, where the admin API is.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKERPUSH_ADMIN_URL",
+        default_value = "http://127.0.0.1:8082"
+    )]
+    pub admin_url: String,
+    /// Bearer token of the admin API (empty: `UPLOAD_TOKEN`, as on the server).
+    #[arg(long, global = true, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The upload server, for `delete`.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKERPUSH_UPLOAD_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub upload_url: String,
+    /// Bearer token of the upload API, for `delete`.
+    #[arg(long, global = true, env = "UPLOAD_TOKEN", hide_env_values = true)]
+    pub upload_token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true, env = "CTL_JSON")]
+    pub json: bool,
+    /// Longest wait for one HTTP request.
+    #[arg(long, global = true, env = "CTL_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// The `ctl` commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Every live worker: version, revision, propagation.
+    Workers,
+    /// One worker, with its propagation in full.
+    Worker {
+        /// The worker's name.
+        name: String,
+    },
+    /// Every live subscription, then the consumers that left recently.
+    Consumers,
+    /// Waits until every subscriber of NAME holds revision R (or a later one); exit 0 when
+    /// they do, 2 when one refused it, 3 when the timeout passes first.
+    Wait {
+        /// The worker's name.
+        name: String,
+        /// The revision to wait for (an upload's `revision`).
+        #[arg(long)]
+        revision: u64,
+        /// How long to wait.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Deletes a worker through the upload server.
+    Delete {
+        /// The worker's name.
+        name: String,
+    },
+}
+
+/// `workerpush completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `workerpush serve`.

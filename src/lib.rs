@@ -22,6 +22,7 @@
 //!   `RUST_LOG` refused.
 //! - [`telemetry`]: what `/metrics` adds to the layers' counters: every family at 0 from the
 //!   start, build info, process metrics, the head revision and consumer lag.
+//! - [`ctl`]: `workerpush ctl`, the operator's command line over the admin API.
 //! - [`watch`]: `workerpush watch`, a consumer that keeps worker code on disk.
 //! - [`bench`]: `workerpush bench`, latency, throughput and loss through the real hook and
 //!   transports.
@@ -47,6 +48,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod ctl;
 pub mod faults;
 pub mod grpc;
 pub mod http;

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use workerpush::{
     app, bench,
     config::{Cli, Command},
-    logs, tls, watch,
+    ctl, logs, tls, watch,
 };
 
 fn main() -> ExitCode {
@@ -19,6 +19,16 @@ fn main() -> ExitCode {
     tls::install_crypto_provider();
     if let Command::Certs(args) = &cli.command {
         return certs(args);
+    }
+    if let Command::Completions(args) = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            args.shell,
+            &mut Cli::command(),
+            "workerpush",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -62,7 +72,19 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            Command::Certs(_) => return ExitCode::SUCCESS,
+            Command::Ctl(args) => {
+                return match ctl::run(args).await {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("workerpush ctl: {error}");
+                        ExitCode::from(error.exit_code())
+                    }
+                };
+            }
+            Command::Certs(_) | Command::Completions(_) => return ExitCode::SUCCESS,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -451,6 +451,9 @@ fn compose_file_matches_the_binary() {
             Command::Certs(_) => assert!(ports.is_empty()),
             Command::Serve(_) => panic!("{name}: compose runs the roles apart"),
             Command::Bench(_) => panic!("{name}: the benchmark is not a service"),
+            Command::Ctl(_) | Command::Completions(_) => {
+                panic!("{name}: ctl and completions are tools, not services")
+            }
         }
     }
     assert_eq!(cores.len(), 2, "two cores");
