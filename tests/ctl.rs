@@ -55,6 +55,19 @@ async fn ctl(server: &TestServer, token: Option<&str>, args: &[&str]) -> Output 
         .unwrap()
 }
 
+/// `ctl wait shop-cart --revision REVISION --timeout TIMEOUT`.
+async fn ctl_wait(server: &TestServer, token: &str, revision: &str, timeout: &str) -> Output {
+    let args = [
+        "wait",
+        "shop-cart",
+        "--revision",
+        revision,
+        "--timeout",
+        timeout,
+    ];
+    ctl(server, Some(token), &args).await
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -146,19 +159,7 @@ async fn ctl_wait_returns_once_every_subscriber_acknowledged_and_says_when_one_r
 
     // Not acknowledged: the wait runs out (exit 3) and says where it stood.
     let started = Instant::now();
-    let out = ctl(
-        &server,
-        Some(&token),
-        &[
-            "wait",
-            "shop-cart",
-            "--revision",
-            &revision,
-            "--timeout",
-            "600ms",
-        ],
-    )
-    .await;
+    let out = ctl_wait(&server, &token, &revision, "600ms").await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(started.elapsed() >= Duration::from_millis(600));
     assert!(
@@ -200,19 +201,7 @@ async fn ctl_wait_returns_once_every_subscriber_acknowledged_and_says_when_one_r
     let revision = body["revision"].as_u64().unwrap().to_string();
     let update = consumer.next_change().await;
     consumer.ack(&update, Some("syntax error")).await;
-    let out = ctl(
-        &server,
-        Some(&token),
-        &[
-            "wait",
-            "shop-cart",
-            "--revision",
-            &revision,
-            "--timeout",
-            "10s",
-        ],
-    )
-    .await;
+    let out = ctl_wait(&server, &token, &revision, "10s").await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("consumer-1 (syntax error)"),

@@ -8,10 +8,40 @@ use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Output},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
+
+/// A fresh directory, removed on drop. The standard library only: a dependency here would be
+/// unified with the server crate's in `cargo test --workspace` and rebuild it with other
+/// features than plain `cargo test`.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "xtask-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A directory of links to every program on this PATH except Chromium's: "a PATH without it".
 fn path_without_chromium(dir: &Path) -> PathBuf {
@@ -75,7 +105,7 @@ impl Drop for RedisShutdown {
 
 #[test]
 fn prepare_finds_or_installs_chromium_missing_from_path_and_it_renders_headless() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let bin = path_without_chromium(dir.path());
     let output = xtask(&["prepare"], |c| {
         c.env("PATH", &bin);
@@ -115,7 +145,7 @@ fn prepare_finds_or_installs_chromium_missing_from_path_and_it_renders_headless(
 
 #[test]
 fn prepare_refuses_a_chromium_bin_that_is_not_a_program() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let output = xtask(&["prepare"], |c| {
         c.env("CHROMIUM_BIN", dir.path().join("nothing-here"));
     });
@@ -135,7 +165,7 @@ fn prepare_starts_redis_when_nothing_answers() {
         .unwrap()
         .port();
     assert!(!redis_ping(port));
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let _shutdown = RedisShutdown(port);
     let output = xtask(
         &[
@@ -160,7 +190,7 @@ fn prepare_starts_redis_when_nothing_answers() {
 
 #[test]
 fn test_runs_every_test_binary_even_when_one_fails() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TempDir::new();
     let root = dir.path();
     std::fs::create_dir_all(root.join("src")).unwrap();
     std::fs::create_dir_all(root.join("tests")).unwrap();
