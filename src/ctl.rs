@@ -96,56 +96,33 @@ const UPLOAD_URL_FLAG: &str = "--upload-url / WORKERPUSH_UPLOAD_URL";
 /// Runs one `ctl` command; answers what to print on stdout.
 pub async fn run(args: CtlArgs) -> Result<String, CtlError> {
     let client = Client::new(&args)?;
-    match &args.command {
-        CtlCommand::Workers => {
-            let answer = client.admin("/v1/workers").await?;
-            Ok(if args.json {
-                answer.to_string()
-            } else {
-                workers_table(&answer)
-            })
-        }
-        CtlCommand::Worker { name } => {
-            let answer = client.admin(&format!("/v1/workers/{}", path(name))).await?;
-            Ok(if args.json {
-                answer.to_string()
-            } else {
-                worker_table(&answer)
-            })
-        }
-        CtlCommand::Consumers => {
-            let answer = client.admin("/v1/consumers").await?;
-            Ok(if args.json {
-                answer.to_string()
-            } else {
-                consumers_table(&answer)
-            })
-        }
+    let (answer, table): (Value, fn(&Value) -> String) = match &args.command {
+        CtlCommand::Workers => (client.admin("/v1/workers").await?, workers_table),
+        CtlCommand::Worker { name } => (
+            client.admin(&format!("/v1/workers/{}", path(name))).await?,
+            worker_table,
+        ),
+        CtlCommand::Consumers => (client.admin("/v1/consumers").await?, consumers_table),
         CtlCommand::Wait {
             name,
             revision,
             timeout,
-        } => {
-            let answer = client.wait(name, *revision, *timeout).await?;
-            Ok(if args.json {
-                answer.to_string()
-            } else {
-                worker_table(&answer)
-            })
-        }
-        CtlCommand::Delete { name } => {
-            let answer = client.delete(name).await?;
-            Ok(if args.json {
-                answer.to_string()
-            } else {
-                format!(
-                    "deleted {} (revision {})",
-                    text(&answer["worker_name"]),
-                    text(&answer["revision"])
-                )
-            })
-        }
-    }
+        } => (client.wait(name, *revision, *timeout).await?, worker_table),
+        CtlCommand::Delete { name } => (client.delete(name).await?, deleted_line),
+    };
+    Ok(if args.json {
+        answer.to_string()
+    } else {
+        table(&answer)
+    })
+}
+
+fn deleted_line(answer: &Value) -> String {
+    format!(
+        "deleted {} (revision {})",
+        text(&answer["worker_name"]),
+        text(&answer["revision"])
+    )
 }
 
 struct Client {

@@ -68,6 +68,24 @@ async fn ctl_wait(server: &TestServer, token: &str, revision: &str, timeout: &st
     ctl(server, Some(token), &args).await
 }
 
+/// `serve --dev` in `dir` with `consumer-1` subscribed to every worker over gRPC; answers the
+/// hook secret and the (upload = admin) token too.
+async fn serve_with_a_consumer(
+    dir: &std::path::Path,
+) -> (TestServer, HandConsumer, String, String) {
+    let server = TestServer::serve_dev(dir, &[]);
+    let (secret, token) = server.secrets();
+    let consumer = HandConsumer::subscribe(
+        &server.certs(),
+        server.addr("grpc"),
+        "consumer-1",
+        &[],
+        None,
+    )
+    .await;
+    (server, consumer, secret, token)
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -79,16 +97,7 @@ fn stderr(output: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_workers_worker_and_consumers_answer_json_or_a_table() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::serve_dev(dir.path(), &[]);
-    let (secret, token) = server.secrets();
-    let _consumer = HandConsumer::subscribe(
-        &server.certs(),
-        server.addr("grpc"),
-        "consumer-1",
-        &[],
-        None,
-    )
-    .await;
+    let (server, _consumer, secret, token) = serve_with_a_consumer(dir.path()).await;
     let (status, body) = hook_put(server.addr("http"), &secret, "shop-cart", "1.2.0", b"x").await;
     assert_eq!(status, 201, "{body}");
     let revision = body["revision"].as_u64().unwrap();
@@ -143,16 +152,7 @@ async fn ctl_workers_worker_and_consumers_answer_json_or_a_table() {
 async fn ctl_wait_returns_once_every_subscriber_acknowledged_and_says_when_one_refused_or_time_ran_out()
  {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::serve_dev(dir.path(), &[]);
-    let (secret, token) = server.secrets();
-    let mut consumer = HandConsumer::subscribe(
-        &server.certs(),
-        server.addr("grpc"),
-        "consumer-1",
-        &[],
-        None,
-    )
-    .await;
+    let (server, mut consumer, secret, token) = serve_with_a_consumer(dir.path()).await;
     let (_, body) = hook_put(server.addr("http"), &secret, "shop-cart", "1.0.0", b"one").await;
     let revision = body["revision"].as_u64().unwrap().to_string();
     let update = consumer.next_change().await;
