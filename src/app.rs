@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     acl::AclStore,
-    config::{CommonArgs, CoreArgs, ServeArgs, UploadArgs},
+    config::{CommonArgs, CoreArgs, DeployTokenArgs, ServeArgs, UploadArgs},
     core::{Core, CoreConfig},
     grpc::{self, GrpcLimits},
     http,
+    http::deploy_tokens::DeployTokens,
     http::limits::{self, BodyBudget, RateLimit, RateLimiter},
     quic::{self, QuicLimits},
     quota::IdentityLimits,
@@ -101,6 +102,7 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
         &hook_secret,
         &hook_url,
         args.max_upload_bytes,
+        &args.deploy_tokens,
         &mut servers,
     )
     .await?;
@@ -142,6 +144,7 @@ pub async fn upload(args: UploadArgs, shutdown: CancellationToken) -> Result<(),
         &hook_secret,
         &core_url,
         args.max_upload_bytes,
+        &args.deploy_tokens,
         &mut servers,
     )
     .await?;
@@ -349,6 +352,7 @@ async fn start_upload(
     hook_secret: &str,
     core_url: &reqwest::Url,
     max_upload_bytes: u64,
+    tokens: &DeployTokenArgs,
     servers: &mut Servers,
 ) -> Result<SocketAddr, AppError> {
     let mut config = http::upload::UploadConfig::new(
@@ -357,6 +361,19 @@ async fn start_upload(
         core_url.clone(),
     );
     config.max_upload_bytes = max_upload_bytes;
+    if let Some(path) = &tokens.tokens_file {
+        let loaded = DeployTokens::load(path).map_err(|e| AppError::Config(e.to_string()))?;
+        let loaded = Arc::new(loaded);
+        config.deploy_tokens = loaded.clone();
+        if !tokens.tokens_reload_interval.is_zero() {
+            spawn_tokens_reloader(
+                loaded,
+                tokens.tokens_reload_interval,
+                servers.uploads.accept.clone(),
+                &mut servers.uploads.tasks,
+            );
+        }
+    }
     let router = http::upload::router(config).map_err(|e| AppError::Config(e.to_string()))?;
     let largest_body = max_upload_bytes + http::hook::FORM_OVERHEAD_BYTES;
     let router = http_limits(
@@ -515,6 +532,44 @@ fn spawn_reloader(
                 Ok(state) => (certs, acl) = state,
                 Err(error) => {
                     tracing::error!(%error, "reloader failed; no more reloads");
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Reloads the deploy tokens file when it changes (checked every `interval`); a file that does
+/// not parse keeps the tokens in force, and says so.
+fn spawn_tokens_reloader(
+    tokens: Arc<DeployTokens>,
+    interval: Duration,
+    stop: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    tasks.spawn(async move {
+        let mut watched = Watched::new(tokens.path().map(Path::to_path_buf).into_iter().collect());
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let tokens = tokens.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                watched.check(false, "deploy tokens", || {
+                    let count = tokens.reload()?;
+                    tracing::info!(tokens = count, "deploy tokens reloaded");
+                    Ok::<_, http::deploy_tokens::TokensFileError>(())
+                });
+                watched
+            })
+            .await;
+            match checked {
+                Ok(state) => watched = state,
+                Err(error) => {
+                    tracing::error!(%error, "deploy tokens reloader failed; no more reloads");
                     return;
                 }
             }

@@ -132,6 +132,22 @@ pub struct ServeArgs {
     /// Largest worker file accepted by the upload server, in bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
     pub max_upload_bytes: u64,
+    /// Named deploy tokens of the upload server.
+    #[command(flatten)]
+    pub deploy_tokens: DeployTokenArgs,
+}
+
+/// The upload server's named deploy tokens.
+#[derive(Debug, Args, Clone)]
+pub struct DeployTokenArgs {
+    /// Named deploy tokens (SHA-256 digests) with the workers each may publish and delete;
+    /// `UPLOAD_TOKEN` stays valid for every worker. See the README's Deploy tokens.
+    #[arg(long, env = "TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// How often the tokens file is checked for changes (0: never; a removed token stops
+    /// working within this).
+    #[arg(long, env = "TOKENS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub tokens_reload_interval: Duration,
 }
 
 /// `workerpush core` (and the core half of `serve`).
@@ -263,6 +279,9 @@ pub struct UploadArgs {
     /// Largest worker file accepted, in bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
     pub max_upload_bytes: u64,
+    /// Named deploy tokens.
+    #[command(flatten)]
+    pub deploy_tokens: DeployTokenArgs,
 }
 
 /// Which transport a consumer uses.

@@ -46,6 +46,7 @@ const HOOK_REFUSALS: &[&str] = &[
 /// The `reason` values of `workerpush_upload_refusals_total` the README names.
 const UPLOAD_REFUSALS: &[&str] = &[
     "unauthenticated",
+    "forbidden",
     "too_large",
     "core_rejected",
     "invalid_wait",

@@ -200,6 +200,7 @@ impl Publisher {
             version: Some(version.clone()),
             checksum: None,
             action: Action::Put,
+            deployer: None,
         };
         let (content_type, body) =
             encode_form(&metadata, Some(self.code(&version))).map_err(|e| e.to_string())?;

@@ -50,6 +50,10 @@ pub struct Metadata {
     /// Put (the default) or delete.
     #[serde(default, skip_serializing_if = "Action::is_put")]
     pub action: Action,
+    /// Who asked for the change: the upload server's deploy token name (`upload-token` for
+    /// `UPLOAD_TOKEN`). Inside the signed body, so it cannot be altered on the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployer: Option<String>,
 }
 
 /// What a hook request asks for.
@@ -92,11 +96,14 @@ pub struct Accepted {
     /// `true` in a delete's answer; absent from a put's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleted: bool,
+    /// Who asked for it (the request's `deployer`), if the request said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployer: Option<String>,
 }
 
 impl Accepted {
-    /// The answer to `action` that made `p`.
-    fn of(action: Action, p: Published) -> Self {
+    /// The answer to `action` by `deployer` that made `p`.
+    fn of(action: Action, p: Published, deployer: Option<String>) -> Self {
         let put = action.is_put();
         Self {
             revision: p.revision,
@@ -107,6 +114,7 @@ impl Accepted {
             size: p.size,
             created: put.then_some(p.created),
             deleted: !put,
+            deployer,
         }
     }
 }
@@ -311,7 +319,8 @@ async fn accept(
     tracing::info!(
         action = if action.is_put() { "put" } else { "delete" },
         worker = %published.worker, version = %published.version,
-        revision = published.revision, created = published.created, "change accepted"
+        revision = published.revision, created = published.created,
+        deployer = metadata.deployer.as_deref().unwrap_or("-"), "change accepted"
     );
     let propagation = match wait {
         Some(wait) => Some(
@@ -322,7 +331,11 @@ async fn accept(
         ),
         None => None,
     };
-    Ok((status, Accepted::of(action, published), propagation))
+    Ok((
+        status,
+        Accepted::of(action, published, metadata.deployer),
+        propagation,
+    ))
 }
 
 struct Form {
@@ -447,6 +460,7 @@ mod tests {
             version: Some(version.to_owned()),
             checksum,
             action: Action::Put,
+            deployer: None,
         }
     }
 
@@ -456,6 +470,7 @@ mod tests {
             version: None,
             checksum: None,
             action: Action::Delete,
+            deployer: None,
         }
     }
 

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod deploy_tokens;
 pub mod hook;
 pub mod limits;
 pub mod signing;
