@@ -59,6 +59,15 @@ async fn json_logs_are_one_object_per_line_with_connect_disconnect_and_change_ev
     let (status, body) = hook_put(server.addr("http"), &secret, "logged", "1.0.0", b"code").await;
     assert_eq!(status, 201, "{body}");
     let revision = body["revision"].as_u64().unwrap();
+    let (status, body) = hook_put(
+        server.addr("http"),
+        &secret,
+        "logged",
+        "not a version",
+        b"x",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
     drop(grpc);
     drop(quic);
 
@@ -88,6 +97,14 @@ async fn json_logs_are_one_object_per_line_with_connect_disconnect_and_change_ev
     assert_eq!(change["version"], "1.0.0");
     assert_eq!(change["action"], "put");
     assert_eq!(change["revision"].as_u64(), Some(revision));
+    let refused = events
+        .iter()
+        .find(|e| e["message"] == "change refused")
+        .unwrap_or_else(|| panic!("no refused change in {events:#?}"));
+    assert_eq!(refused["worker"], "logged");
+    assert_eq!(refused["version"], "not a version");
+    assert_eq!(refused["action"], "put");
+    assert_eq!(refused["reason"], "invalid");
     assert!(
         server
             .logs

@@ -241,7 +241,8 @@ async fn broadcast(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match accept(&state, &uri, &headers, body).await {
+    let mut asked = None;
+    match accept(&state, &uri, &headers, body, &mut asked).await {
         Ok((status, accepted, None)) => (status, Json(accepted)).into_response(),
         Ok((status, accepted, Some(propagation))) => {
             let answer = AcceptedAfterWait {
@@ -253,19 +254,33 @@ async fn broadcast(
         Err(refusal) => {
             let reason = refusal.reason();
             metrics::counter!("workerpush_hook_refusals_total", "reason" => reason).increment(1);
-            tracing::info!(reason, error = %refusal, "hook request refused");
+            match asked {
+                // Authentic and readable: the operator's record names the change refused.
+                Some(asked) => tracing::info!(
+                    reason, error = %refusal,
+                    action = if asked.action.is_put() { "put" } else { "delete" },
+                    worker = %asked.worker_name,
+                    version = asked.version.as_deref().unwrap_or("-"),
+                    deployer = asked.deployer.as_deref().unwrap_or("-"),
+                    "change refused"
+                ),
+                None => tracing::info!(reason, error = %refusal, "hook request refused"),
+            }
             ApiError::from(refusal).into_response()
         }
     }
 }
 
 /// Answers 201 for a new version, 200 for a repeat or a delete; with `?wait=`, also the
-/// propagation when every subscriber answered or the wait is over.
+/// propagation when every subscriber answered or the wait is over. Leaves in `asked` the
+/// verified request's metadata once it is read, so that a refusal after it can name the
+/// change.
 async fn accept(
     state: &HookState,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
+    asked: &mut Option<Metadata>,
 ) -> Result<(StatusCode, Accepted, Option<Propagation>), Refusal> {
     if state.core.is_shutting_down() {
         return Err(PublishError::ShuttingDown.into());
@@ -285,6 +300,7 @@ async fn accept(
     let form = parse_form(content_type, raw).await?;
     let metadata: Metadata = serde_json::from_slice(&form.metadata)
         .map_err(|e| Refusal::Form(format!("invalid metadata JSON: {e}")))?;
+    *asked = Some(metadata.clone());
     let worker = WorkerName::parse(&metadata.worker_name)?;
     let action = metadata.action;
     let (status, published) = match action {
