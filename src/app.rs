@@ -365,14 +365,12 @@ async fn start_upload(
         let loaded = DeployTokens::load(path).map_err(|e| AppError::Config(e.to_string()))?;
         let loaded = Arc::new(loaded);
         config.deploy_tokens = loaded.clone();
-        if !tokens.tokens_reload_interval.is_zero() {
-            spawn_tokens_reloader(
-                loaded,
-                tokens.tokens_reload_interval,
-                servers.uploads.accept.clone(),
-                &mut servers.uploads.tasks,
-            );
-        }
+        spawn_tokens_reloader(
+            loaded,
+            tokens.tokens_reload_interval,
+            servers.uploads.accept.clone(),
+            &mut servers.uploads.tasks,
+        );
     }
     let router = http::upload::router(config).map_err(|e| AppError::Config(e.to_string()))?;
     let largest_body = max_upload_bytes + http::hook::FORM_OVERHEAD_BYTES;
@@ -539,8 +537,9 @@ fn spawn_reloader(
     });
 }
 
-/// Reloads the deploy tokens file when it changes (checked every `interval`); a file that does
-/// not parse keeps the tokens in force, and says so.
+/// Reloads the deploy tokens file on SIGHUP, and when it changes (checked every `interval`;
+/// zero: on SIGHUP only), as the ACL is; a file that does not parse keeps the tokens in force,
+/// and says so.
 fn spawn_tokens_reloader(
     tokens: Arc<DeployTokens>,
     interval: Duration,
@@ -548,17 +547,36 @@ fn spawn_tokens_reloader(
     tasks: &mut JoinSet<()>,
 ) {
     tasks.spawn(async move {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hangups) => Some(hangups),
+                Err(error) => {
+                    tracing::warn!(%error, "no SIGHUP handler; reloading deploy tokens on file changes only");
+                    None
+                }
+            };
+        let mut ticks = (!interval.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         let mut watched = Watched::new(tokens.path().map(Path::to_path_buf).into_iter().collect());
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = ticks.tick() => {}
+            let forced = tokio::select! {
+                received = async { hangups.as_mut()?.recv().await }, if hangups.is_some() => {
+                    if received.is_none() {
+                        hangups = None;
+                        continue;
+                    }
+                    true
+                }
+                Some(_) = async { Some(ticks.as_mut()?.tick().await) }, if ticks.is_some() => false,
                 () = stop.cancelled() => return,
-            }
+            };
             let tokens = tokens.clone();
             let checked = tokio::task::spawn_blocking(move || {
-                watched.check(false, "deploy tokens", || {
+                watched.check(forced, "deploy tokens", || {
                     let count = tokens.reload()?;
                     tracing::info!(tokens = count, "deploy tokens reloaded");
                     Ok::<_, http::deploy_tokens::TokensFileError>(())

@@ -144,8 +144,8 @@ pub struct DeployTokenArgs {
     /// `UPLOAD_TOKEN` stays valid for every worker. See the README's Deploy tokens.
     #[arg(long, env = "TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
-    /// How often the tokens file is checked for changes (0: never; a removed token stops
-    /// working within this).
+    /// How often the tokens file is checked for changes (0: on SIGHUP only); a removed token
+    /// stops working within this.
     #[arg(long, env = "TOKENS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub tokens_reload_interval: Duration,
 }

@@ -136,3 +136,48 @@ fn a_tokens_file_that_does_not_parse_is_refused_at_start_naming_the_line() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_reload_interval_a_sighup_reloads_the_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, token_line("team-shop", "shop-secret", "shop-*")).unwrap();
+    let mut args = vec!["serve", "--dev"];
+    args.extend(common_ports());
+    let tokens_arg = tokens.to_str().unwrap();
+    args.extend([
+        "--upload-port",
+        "0",
+        "--tokens-file",
+        tokens_arg,
+        "--tokens-reload-interval",
+        "0",
+    ]);
+    let server = TestServer::start(dir.path(), &args, &[]);
+    let upload = server.addr("upload");
+    let (status, _) = upload_with(upload, "shop-secret", "", "shop-cart", "1.0.0", b"a").await;
+    assert_eq!(status, 201);
+
+    std::fs::write(&tokens, token_line("other", "other-secret", "*")).unwrap();
+    let (status, _) = upload_with(upload, "shop-secret", "", "shop-cart", "1.0.1", b"b").await;
+    assert_eq!(status, 201, "no interval: nothing reloads by itself");
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let sent = Instant::now();
+    loop {
+        let (status, _) = upload_with(upload, "shop-secret", "", "shop-cart", "1.0.2", b"c").await;
+        if status == 401 {
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "still {status} after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = upload_with(upload, "other-secret", "", "anything", "1.0.0", b"d").await;
+    assert_eq!(status, 201, "{body}");
+}
