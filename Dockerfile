@@ -4,6 +4,9 @@
 # Build and runtime share Debian bookworm, so the binary finds the glibc it was linked against.
 
 FROM rust:1.95-bookworm AS build
+# The build context has no .git: pass the commit for --version and workerpush_build_info
+# (docker build --build-arg WORKERPUSH_COMMIT=$(git rev-parse --short=12 HEAD) .).
+ARG WORKERPUSH_COMMIT=unknown
 WORKDIR /src
 COPY . .
 # The caches keep the registry and target/ between builds; the binary is copied out of them.
@@ -24,7 +27,8 @@ RUN apt-get update \
 COPY --from=build /out/workerpush /usr/local/bin/workerpush
 # An empty named volume mounted on /certs, /data or /workers starts with their ownership, so the
 # unprivileged user can write its certificates, store and worker files there.
-USER workerpush:workerpush
+# Numeric, so that Kubernetes (runAsNonRoot) can verify it is not root.
+USER 10001:10001
 WORKDIR /var/lib/workerpush
 ENV CERTS_DIR=/certs DATA_DIR=/data
 EXPOSE 50051/tcp 50052/udp 8082/tcp 8080/tcp

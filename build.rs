@@ -1,14 +1,16 @@
 //! Generates the protobuf messages and the gRPC client from `proto/control_plane.proto` with
 //! `protox` (no system `protoc`), writes the descriptor set for server reflection, and generates
 //! the gRPC server by hand-described methods so that `SubscribeWorkerUpdates` can stream updates
-//! that were encoded once for every subscriber.
+//! that were encoded once for every subscriber. Also names the commit being built
+//! (`WORKERPUSH_COMMIT`) for `--version` and `workerpush_build_info`.
 
-use std::{env, path::PathBuf};
+use std::{env, path::PathBuf, process::Command};
 
 use tonic_build::manual::{Builder, Method, Service};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rustc-env=WORKERPUSH_COMMIT={}", commit());
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
 
     let fds = protox::compile(["proto/control_plane.proto"], ["proto"])?;
@@ -90,4 +92,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&out_dir)
         .compile(&[service]);
     Ok(())
+}
+
+/// The commit being built: `WORKERPUSH_COMMIT` if set (a Docker build has no `.git`), else
+/// `git rev-parse --short=12 HEAD`, else `unknown`. Reruns when HEAD or its branch moves.
+fn commit() -> String {
+    println!("cargo:rerun-if-env-changed=WORKERPUSH_COMMIT");
+    if let Ok(commit) = env::var("WORKERPUSH_COMMIT")
+        && !commit.trim().is_empty()
+    {
+        return commit.trim().to_owned();
+    }
+    let git = |args: &[&str]| -> Option<String> {
+        let output = Command::new("git").args(args).output().ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    // A worktree keeps HEAD in its own git dir and the branch in the common one.
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name])
+            && std::path::Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    commit
 }

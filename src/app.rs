@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     acl::AclStore,
-    config::{CommonArgs, CoreArgs, ServeArgs, UploadArgs},
+    config::{CommonArgs, CoreArgs, DeployTokenArgs, ServeArgs, UploadArgs},
     core::{Core, CoreConfig},
     grpc::{self, GrpcLimits},
     http,
+    http::deploy_tokens::DeployTokens,
     http::limits::{self, BodyBudget, RateLimit, RateLimiter},
     quic::{self, QuicLimits},
     quota::IdentityLimits,
@@ -25,6 +26,7 @@ use crate::{
     store::{
         FileStore, Fleet, RedisConfig, RedisFleet, RedisFleetConfig, RedisStore, Store, StoreError,
     },
+    telemetry,
     tls::{self, ServerTls, TlsError},
 };
 
@@ -41,10 +43,12 @@ pub enum AppError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     /// A socket could not be bound.
-    #[error("bind {addr}: {source}")]
+    #[error("cannot bind {addr} (set by {flag} and --bind): {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,
+        /// The flag and environment variable that chose the port, e.g. `--grpc-port / GRPC_PORT`.
+        flag: &'static str,
         /// Why.
         source: std::io::Error,
     },
@@ -100,6 +104,7 @@ pub async fn serve(mut args: ServeArgs, shutdown: CancellationToken) -> Result<(
         &hook_secret,
         &hook_url,
         args.max_upload_bytes,
+        &args.deploy_tokens,
         &mut servers,
     )
     .await?;
@@ -141,6 +146,7 @@ pub async fn upload(args: UploadArgs, shutdown: CancellationToken) -> Result<(),
         &hook_secret,
         &core_url,
         args.max_upload_bytes,
+        &args.deploy_tokens,
         &mut servers,
     )
     .await?;
@@ -255,10 +261,10 @@ async fn start_core(
     let core = Core::open_in_fleet(store, config, fleet).await?;
     println!("workerpush: core id {core_id}");
 
-    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port)?;
+    let grpc_listener = bind_tcp(args.common.bind, args.grpc_port, "--grpc-port / GRPC_PORT")?;
     let quic_addr = SocketAddr::new(args.common.bind, args.quic_port);
-    let quic_socket = bind_udp(quic_addr)?;
-    let http_listener = bind_tcp(args.common.bind, args.http_port)?;
+    let quic_socket = bind_udp(quic_addr, "--quic-port / QUIC_PORT")?;
+    let http_listener = bind_tcp(args.common.bind, args.http_port, "--http-port / HTTP_PORT")?;
     let grpc_addr = grpc_listener.local_addr()?;
     let quic_addr = quic_socket.local_addr()?;
     let http_addr = http_listener.local_addr()?;
@@ -349,6 +355,8 @@ async fn start_core(
     .merge(metrics_router(
         &servers.hook.accept,
         &mut servers.hook.tasks,
+        core.clone(),
+        args.redis_url.is_none(),
     ));
     let http_accept = servers.hook.accept.clone();
     let serve_config = http_serve_config(&args.common);
@@ -384,6 +392,7 @@ async fn start_upload(
     hook_secret: &str,
     core_url: &reqwest::Url,
     max_upload_bytes: u64,
+    tokens: &DeployTokenArgs,
     servers: &mut Servers,
 ) -> Result<SocketAddr, AppError> {
     let mut config = http::upload::UploadConfig::new(
@@ -392,6 +401,17 @@ async fn start_upload(
         core_url.clone(),
     );
     config.max_upload_bytes = max_upload_bytes;
+    if let Some(path) = &tokens.tokens_file {
+        let loaded = DeployTokens::load(path).map_err(|e| AppError::Config(e.to_string()))?;
+        let loaded = Arc::new(loaded);
+        config.deploy_tokens = loaded.clone();
+        spawn_tokens_reloader(
+            loaded,
+            tokens.tokens_reload_interval,
+            servers.uploads.accept.clone(),
+            &mut servers.uploads.tasks,
+        );
+    }
     let router = http::upload::router(config).map_err(|e| AppError::Config(e.to_string()))?;
     let largest_body = max_upload_bytes + http::hook::FORM_OVERHEAD_BYTES;
     let router = http_limits(
@@ -400,7 +420,7 @@ async fn start_upload(
         common,
         largest_body,
     );
-    let listener = bind_tcp(common.bind, port)?;
+    let listener = bind_tcp(common.bind, port, "--upload-port / UPLOAD_PORT")?;
     let addr = listener.local_addr()?;
     println!("workerpush: upload listening on {addr}");
     let accept = servers.uploads.accept.clone();
@@ -566,6 +586,64 @@ fn spawn_reloader(
     });
 }
 
+/// Reloads the deploy tokens file on SIGHUP, and when it changes (checked every `interval`;
+/// zero: on SIGHUP only), as the ACL is; a file that does not parse keeps the tokens in force,
+/// and says so.
+fn spawn_tokens_reloader(
+    tokens: Arc<DeployTokens>,
+    interval: Duration,
+    stop: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    tasks.spawn(async move {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hangups) => Some(hangups),
+                Err(error) => {
+                    tracing::warn!(%error, "no SIGHUP handler; reloading deploy tokens on file changes only");
+                    None
+                }
+            };
+        let mut ticks = (!interval.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        let mut watched = Watched::new(tokens.path().map(Path::to_path_buf).into_iter().collect());
+        loop {
+            let forced = tokio::select! {
+                received = async { hangups.as_mut()?.recv().await }, if hangups.is_some() => {
+                    if received.is_none() {
+                        hangups = None;
+                        continue;
+                    }
+                    true
+                }
+                Some(_) = async { Some(ticks.as_mut()?.tick().await) }, if ticks.is_some() => false,
+                () = stop.cancelled() => return,
+            };
+            let tokens = tokens.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                watched.check(forced, "deploy tokens", || {
+                    let count = tokens.reload()?;
+                    tracing::info!(tokens = count, "deploy tokens reloaded");
+                    Ok::<_, http::deploy_tokens::TokensFileError>(())
+                });
+                watched
+            })
+            .await;
+            match checked {
+                Ok(state) => watched = state,
+                Err(error) => {
+                    tracing::error!(%error, "deploy tokens reloader failed; no more reloads");
+                    return;
+                }
+            }
+        }
+    });
+}
+
 /// Files reloaded together, and what they looked like when last loaded.
 struct Watched {
     files: Vec<PathBuf>,
@@ -630,25 +708,42 @@ fn stamps(files: &[PathBuf]) -> Vec<Option<FileStamp>> {
         .collect()
 }
 
-/// Buckets of the latency histograms, in seconds: a millisecond to a minute.
+/// Buckets of the latency histograms, in seconds: a millisecond to a minute. Every histogram
+/// has buckets, so none is rendered as a summary (whose quantiles cannot be aggregated).
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Buckets of `workerpush_store_group_commit_changes`: changes per fsync.
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 /// `GET /metrics` (Prometheus text). Installs the process-wide recorder (once per process: a
 /// second call serves an empty page and says so), and a task that keeps its histograms from
-/// growing between scrapes.
-fn metrics_router(stop: &CancellationToken, tasks: &mut JoinSet<()>) -> axum::Router {
+/// growing between scrapes. Each scrape first reads the core's gauges and ends with the
+/// process metrics ([`telemetry`]).
+fn metrics_router(
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+    core: Arc<Core>,
+    embedded_store: bool,
+) -> axum::Router {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let installed = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_latency_seconds".to_owned()),
-            LATENCY_BUCKETS,
-        )
+        .set_buckets(LATENCY_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("workerpush_store_group_commit_changes".to_owned()),
+                COUNT_BUCKETS,
+            )
+        })
         .and_then(PrometheusBuilder::install_recorder);
+    let started = telemetry::unix_seconds_now();
     let handle = match installed {
         Ok(handle) => {
             describe_metrics();
+            telemetry::start(embedded_store);
             let (upkeep, stop) = (handle.clone(), stop.clone());
             tasks.spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -669,14 +764,21 @@ fn metrics_router(stop: &CancellationToken, tasks: &mut JoinSet<()>) -> axum::Ro
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let handle = handle.clone();
+            let (handle, core) = (handle.clone(), core.clone());
             async move {
+                let page = match handle {
+                    Some(handle) => {
+                        telemetry::refresh(&core);
+                        handle.render() + &telemetry::process_text(started)
+                    }
+                    None => String::new(),
+                };
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4",
                     )],
-                    handle.map(|h| h.render()).unwrap_or_default(),
+                    page,
                 )
             }
         }),
@@ -734,11 +836,6 @@ fn describe_metrics() {
         "workerpush_limit_refusals_total",
         "Requests refused (or departures forgotten early) by a limit, by limit"
     );
-    // Every limit's counter exists from the start, at 0.
-    crate::core::Bound::register_counters();
-    for limit in ["hook_auth_failures", "upload_auth_failures"] {
-        metrics::counter!("workerpush_limit_refusals_total", "limit" => limit).increment(0);
-    }
 }
 
 /// Pending connections the kernel queues per listener. tokio's default (128) overflows when
@@ -748,7 +845,8 @@ const LISTEN_BACKLOG: u32 = 1024;
 /// Receive and send buffer of the QUIC socket (see [`bind_udp`]).
 const UDP_BUFFER_BYTES: usize = 4 << 20;
 
-fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
+/// Binds `ip:port`; a failure names `flag`, the setting that chose the port.
+fn bind_tcp(ip: IpAddr, port: u16, flag: &'static str) -> Result<TcpListener, AppError> {
     let addr = SocketAddr::new(ip, port);
     let bind = || {
         let socket = match addr {
@@ -760,7 +858,7 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
-    bind().map_err(|source| AppError::Bind { addr, source })
+    bind().map_err(|source| AppError::Bind { addr, flag, source })
 }
 
 /// Binds the QUIC socket with room for bursts: every client sends to this one socket, and
@@ -768,9 +866,9 @@ fn bind_tcp(ip: IpAddr, port: u16) -> Result<TcpListener, AppError> {
 /// handshakes and acknowledgements overflow it, and each dropped handshake packet costs its
 /// client a retransmission timeout. The kernel caps the size at `net.core.rmem_max` /
 /// `wmem_max`; failing to raise it is not fatal.
-fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, AppError> {
+fn bind_udp(addr: SocketAddr, flag: &'static str) -> Result<std::net::UdpSocket, AppError> {
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|source| AppError::Bind { addr, flag, source })?;
     let sized = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, UDP_BUFFER_BYTES)
         .and_then(|()| {
             rustix::net::sockopt::set_socket_send_buffer_size(&socket, UDP_BUFFER_BYTES)

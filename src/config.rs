@@ -9,11 +9,15 @@ use crate::core::Bounds;
 
 /// workerpush: push worker code to every edge host, verified, over mTLS gRPC or QUIC.
 #[derive(Debug, Parser)]
-#[command(name = "workerpush", version, about, long_about = None)]
+#[command(name = "workerpush", version = crate::VERSION_AND_COMMIT, about, long_about = None)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on stderr look: `text` (coloured only on a terminal, never with
+    /// `NO_COLOR`) or `json` (one object per line). `RUST_LOG` filters them (default `info`).
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum, default_value_t = crate::logs::LogFormat::Text)]
+    pub log_format: crate::logs::LogFormat,
 }
 
 /// The roles and tools.
@@ -31,6 +35,85 @@ pub enum Command {
     Certs(CertsArgs),
     /// Measures delivery latency, throughput and loss: N subscribers, M signed publishes.
     Bench(BenchArgs),
+    /// Operates a running core through its admin API: workers, consumers, wait, delete.
+    Ctl(CtlArgs),
+    /// Prints a shell completion script (bash, zsh or fish) on stdout.
+    Completions(CompletionsArgs),
+}
+
+/// `workerpush ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The core's HTTP port, where the admin API is.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKERPUSH_ADMIN_URL",
+        default_value = "http://127.0.0.1:8082"
+    )]
+    pub admin_url: String,
+    /// Bearer token of the admin API (empty: `UPLOAD_TOKEN`, as on the server).
+    #[arg(long, global = true, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// The upload server, for `delete`.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKERPUSH_UPLOAD_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub upload_url: String,
+    /// Bearer token of the upload API, for `delete`.
+    #[arg(long, global = true, env = "UPLOAD_TOKEN", hide_env_values = true)]
+    pub upload_token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true, env = "CTL_JSON")]
+    pub json: bool,
+    /// Longest wait for one HTTP request.
+    #[arg(long, global = true, env = "CTL_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// The `ctl` commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Every live worker: version, revision, propagation.
+    Workers,
+    /// One worker, with its propagation in full.
+    Worker {
+        /// The worker's name.
+        name: String,
+    },
+    /// Every live subscription, then the consumers that left recently.
+    Consumers,
+    /// Waits until every subscriber of NAME holds revision R (or a later one); exit 0 when
+    /// they do, 2 when one refused it, 3 when the timeout passes first.
+    Wait {
+        /// The worker's name.
+        name: String,
+        /// The revision to wait for (an upload's `revision`).
+        #[arg(long)]
+        revision: u64,
+        /// How long to wait.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Deletes a worker through the upload server.
+    Delete {
+        /// The worker's name.
+        name: String,
+    },
+}
+
+/// `workerpush completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `workerpush serve`.
@@ -51,6 +134,22 @@ pub struct ServeArgs {
     /// Largest worker file accepted by the upload server, in bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
     pub max_upload_bytes: u64,
+    /// Named deploy tokens of the upload server.
+    #[command(flatten)]
+    pub deploy_tokens: DeployTokenArgs,
+}
+
+/// The upload server's named deploy tokens.
+#[derive(Debug, Args, Clone)]
+pub struct DeployTokenArgs {
+    /// Named deploy tokens (SHA-256 digests) with the workers each may publish and delete;
+    /// `UPLOAD_TOKEN` stays valid for every worker. See the README's Deploy tokens.
+    #[arg(long, env = "TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// How often the tokens file is checked for changes (0: on SIGHUP only); a removed token
+    /// stops working within this.
+    #[arg(long, env = "TOKENS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub tokens_reload_interval: Duration,
 }
 
 /// `workerpush core` (and the core half of `serve`).
@@ -259,6 +358,9 @@ pub struct UploadArgs {
     /// Largest worker file accepted, in bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 10 << 20)]
     pub max_upload_bytes: u64,
+    /// Named deploy tokens.
+    #[command(flatten)]
+    pub deploy_tokens: DeployTokenArgs,
 }
 
 /// Which transport a consumer uses.

@@ -7,21 +7,28 @@ use tokio_util::sync::CancellationToken;
 use workerpush::{
     app, bench,
     config::{Cli, Command},
-    tls, watch,
+    ctl, logs, tls, watch,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(error) = logs::init(cli.log_format) {
+        eprintln!("workerpush: {error}");
+        return ExitCode::from(error.exit_code());
+    }
     tls::install_crypto_provider();
     if let Command::Certs(args) = &cli.command {
         return certs(args);
+    }
+    if let Command::Completions(args) = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            args.shell,
+            &mut Cli::command(),
+            "workerpush",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -65,7 +72,19 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            Command::Certs(_) => return ExitCode::SUCCESS,
+            Command::Ctl(args) => {
+                return match ctl::run(args).await {
+                    Ok(text) => {
+                        println!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("workerpush ctl: {error}");
+                        ExitCode::from(error.exit_code())
+                    }
+                };
+            }
+            Command::Certs(_) | Command::Completions(_) => return ExitCode::SUCCESS,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

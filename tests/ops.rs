@@ -451,6 +451,9 @@ fn compose_file_matches_the_binary() {
             Command::Certs(_) => assert!(ports.is_empty()),
             Command::Serve(_) => panic!("{name}: compose runs the roles apart"),
             Command::Bench(_) => panic!("{name}: the benchmark is not a service"),
+            Command::Ctl(_) | Command::Completions(_) => {
+                panic!("{name}: ctl and completions are tools, not services")
+            }
         }
     }
     assert_eq!(cores.len(), 2, "two cores");
@@ -609,12 +612,16 @@ fn dockerfile_builds_locked_and_runs_the_binary_unprivileged() {
             .is_some(),
         "ca-certificates installed"
     );
+    // Numeric uid:gid, not 0: Kubernetes' runAsNonRoot can only verify a number.
     let user = runtime.last("USER").expect("a USER");
-    let user_name = user.split(':').next().unwrap();
-    assert!(
-        !["root", "0"].contains(&user_name),
-        "the runtime runs as {user}"
-    );
+    let ids: Vec<u32> = user
+        .split(':')
+        .map(|id| {
+            id.parse()
+                .unwrap_or_else(|_| panic!("USER {user}: numeric uid:gid"))
+        })
+        .collect();
+    assert!(ids.len() == 2 && ids[0] != 0, "the runtime runs as {user}");
 
     let binary = Path::new(BIN).file_name().unwrap().to_str().unwrap();
     let copied = runtime
@@ -1054,4 +1061,77 @@ async fn a_health_watcher_hears_not_serving_and_does_not_hold_the_drain() {
         assert!(exit.success(), "{exit:?}");
     };
     futures_util::future::join_all((0..4).map(watched)).await;
+}
+
+/// Every `PREFIX…` the README shows after `marker` (`"checksum":"` or `sha256=`).
+fn shown_after<'a>(text: &'a str, marker: &str) -> Vec<&'a str> {
+    text.match_indices(marker)
+        .filter_map(|(at, _)| text[at + marker.len()..].split_once('…'))
+        .map(|(prefix, _)| prefix)
+        .collect()
+}
+
+#[test]
+fn readme_walkthrough_shows_the_checksum_and_size_of_the_file_its_echo_writes() {
+    let readme = read("README.md");
+    let echo = readme
+        .lines()
+        .find_map(|l| l.strip_prefix("echo \"")?.strip_suffix("\" > worker.js"))
+        .expect("the walkthrough writes worker.js with echo");
+    let file = format!("{echo}\n");
+    let checksum = sha256(file.as_bytes());
+    let shown: Vec<&str> = [
+        shown_after(&readme, "\"checksum\":\""),
+        shown_after(&readme, "sha256="),
+    ]
+    .concat();
+    assert!(shown.len() >= 4, "{shown:?}");
+    for prefix in shown {
+        assert!(
+            prefix.len() >= 4 && checksum.starts_with(prefix),
+            "README shows {prefix}…, worker.js is {checksum}"
+        );
+    }
+    for size in readme
+        .match_indices("\"size\":")
+        .map(|(at, _)| &readme[at + 7..])
+    {
+        let digits: String = size.chars().take_while(char::is_ascii_digit).collect();
+        assert_eq!(digits, file.len().to_string(), "README's size");
+    }
+
+    // What the walkthrough leaves in the checkout is ignored by git.
+    let ignored = read(".gitignore");
+    for left in ["/worker.js", "/workers/"] {
+        assert!(
+            ignored.lines().any(|l| l == left),
+            ".gitignore lacks {left}"
+        );
+    }
+}
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let output = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(ROOT)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    let commit = std::env::var("WORKERPUSH_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or(head)
+        .unwrap_or_else(|| "unknown".to_owned());
+    assert_eq!(
+        text.trim(),
+        format!("workerpush {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
 }

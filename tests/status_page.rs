@@ -2,7 +2,8 @@
 //! over the Chrome DevTools Protocol, watches a new version's propagation rise to 3/3 as three
 //! consumers acknowledge it, without a reload, and takes a screenshot.
 //!
-//! Chromium is required: without it this test fails and says how to install it.
+//! Chromium is required (`CHROMIUM_BIN`, else `chromium` on PATH; `cargo xtask test` provides
+//! it): without it this test fails and says how to install it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -107,8 +108,12 @@ struct Browser {
 
 impl Browser {
     async fn launch() -> Self {
-        let binary = ["chromium", "chromium-browser"]
-            .into_iter()
+        // `cargo xtask test` names the one it found (or installed) in CHROMIUM_BIN.
+        let named = std::env::var("CHROMIUM_BIN").ok().filter(|b| !b.is_empty());
+        let binary = named
+            .iter()
+            .map(String::as_str)
+            .chain(["chromium", "chromium-browser"])
             .find(|name| {
                 Command::new(name)
                     .arg("--version")
@@ -119,8 +124,9 @@ impl Browser {
             })
             .unwrap_or_else(|| {
                 panic!(
-                    "this test needs headless Chromium and found none: install Debian's package \
-                     (apt-get install -y --no-install-recommends chromium); .ci/run does"
+                    "this test needs headless Chromium and found none (CHROMIUM_BIN, then \
+                     chromium on PATH): `cargo xtask prepare` installs Debian's package as root, \
+                     or run apt-get install -y --no-install-recommends chromium"
                 )
             });
         let profile = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@
 //! encoding, its answer); nothing of the core's internals or the servers.
 
 mod fleet;
-mod host;
+pub(crate) mod host;
 mod ledger;
 mod publish;
 mod report;

@@ -200,6 +200,7 @@ impl Publisher {
             version: Some(version.clone()),
             checksum: None,
             action: Action::Put,
+            deployer: None,
         };
         let (content_type, body) =
             encode_form(&metadata, Some(self.code(&version))).map_err(|e| e.to_string())?;
@@ -231,7 +232,7 @@ impl Publisher {
         } else {
             (response.json().await.map_err(unexpected)?, None)
         };
-        if !accepted.created {
+        if accepted.created != Some(true) {
             return Err(format!("{version}: the core already had this version"));
         }
         Ok(waited)

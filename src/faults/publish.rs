@@ -170,6 +170,7 @@ impl HookClient {
             version: Some(version.to_owned()),
             checksum: None,
             action: HookAction::Put,
+            deployer: None,
         };
         self.send(&metadata, Some(code)).await
     }
@@ -180,6 +181,7 @@ impl HookClient {
             version: None,
             checksum: None,
             action: HookAction::Delete,
+            deployer: None,
         };
         self.send(&metadata, None).await
     }

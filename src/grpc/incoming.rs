@@ -32,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::{
+    peers::{self, ConnectionRecord},
     quota::{IdentityQuota, QuotaExceeded, QuotaPermit},
     tls,
 };
@@ -63,6 +64,8 @@ pub struct TlsConnection {
     _quota: Option<QuotaPermit>,
     /// Registered while the connection lives.
     _tracked: tls::Tracked,
+    /// Logs the disconnect when hyper drops the connection.
+    _record: ConnectionRecord,
     /// Ready once the client certificate is revoked.
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
 }
@@ -203,20 +206,35 @@ pub fn incoming(
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
                         metrics::counter!("workerpush_handshake_failures_total", "transport" => "grpc").increment(1);
-                        tracing::debug!(%remote, %error, "grpc handshake refused");
+                        peers::handshake_failed("grpc", remote, &error.to_string());
                         return;
                     }
                     Err(_) => {
                         metrics::counter!("workerpush_handshake_failures_total", "transport" => "grpc").increment(1);
-                        tracing::debug!(%remote, "grpc handshake timed out");
+                        peers::handshake_failed(
+                            "grpc",
+                            remote,
+                            &format!(
+                                "no handshake within {:?} (--handshake-timeout)",
+                                limits.timeout
+                            ),
+                        );
                         return;
                     }
                 };
                 let chain = stream.get_ref().1.peer_certificates().unwrap_or_default();
                 let identity = match chain.first().map(tls::identity_of) {
                     Some(Ok(identity)) => identity,
-                    other => {
-                        tracing::debug!(%remote, ?other, "grpc client certificate has no identity");
+                    Some(Err(error)) => {
+                        peers::handshake_failed(
+                            "grpc",
+                            remote,
+                            &format!("client certificate has no identity: {error}"),
+                        );
+                        return;
+                    }
+                    None => {
+                        peers::handshake_failed("grpc", remote, "no client certificate");
                         return;
                     }
                 };
@@ -231,6 +249,7 @@ pub fn incoming(
                         (None, Some(exceeded))
                     }
                 };
+                let record = ConnectionRecord::connected("grpc", identity.clone(), remote);
                 let connection = TlsConnection {
                     stream,
                     peer: PeerInfo {
@@ -242,6 +261,7 @@ pub fn incoming(
                     preface_left: H2_PREFACE_LEN,
                     _quota: permit,
                     _tracked: tracked,
+                    _record: record,
                     revoked,
                 };
                 let _ = tx.send(Ok(connection)).await;

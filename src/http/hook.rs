@@ -50,6 +50,10 @@ pub struct Metadata {
     /// Put (the default) or delete.
     #[serde(default, skip_serializing_if = "Action::is_put")]
     pub action: Action,
+    /// Who asked for the change: the upload server's deploy token name (`upload-token` for
+    /// `UPLOAD_TOKEN`). Inside the signed body, so it cannot be altered on the way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployer: Option<String>,
 }
 
 /// What a hook request asks for.
@@ -85,12 +89,22 @@ pub struct Accepted {
     pub checksum: String,
     /// Size of that version.
     pub size: u64,
-    /// Whether this request made a new change (always true for an accepted delete).
-    pub created: bool,
+    /// A put's: whether this request made a new version (`false`: a repeat of the latest one).
+    /// Absent from a delete's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+    /// `true` in a delete's answer; absent from a put's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Who asked for it (the request's `deployer`), if the request said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployer: Option<String>,
 }
 
-impl From<Published> for Accepted {
-    fn from(p: Published) -> Self {
+impl Accepted {
+    /// The answer to `action` by `deployer` that made `p`.
+    fn of(action: Action, p: Published, deployer: Option<String>) -> Self {
+        let put = action.is_put();
         Self {
             revision: p.revision,
             epoch: p.epoch.to_string(),
@@ -98,7 +112,9 @@ impl From<Published> for Accepted {
             version: p.version.to_string(),
             checksum: p.checksum.to_string(),
             size: p.size,
-            created: p.created,
+            created: put.then_some(p.created),
+            deleted: !put,
+            deployer,
         }
     }
 }
@@ -225,7 +241,8 @@ async fn broadcast(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match accept(&state, &uri, &headers, body).await {
+    let mut asked = None;
+    match accept(&state, &uri, &headers, body, &mut asked).await {
         Ok((status, accepted, None)) => (status, Json(accepted)).into_response(),
         Ok((status, accepted, Some(propagation))) => {
             let answer = AcceptedAfterWait {
@@ -237,19 +254,33 @@ async fn broadcast(
         Err(refusal) => {
             let reason = refusal.reason();
             metrics::counter!("workerpush_hook_refusals_total", "reason" => reason).increment(1);
-            tracing::info!(reason, error = %refusal, "hook request refused");
+            match asked {
+                // Authentic and readable: the operator's record names the change refused.
+                Some(asked) => tracing::info!(
+                    reason, error = %refusal,
+                    action = if asked.action.is_put() { "put" } else { "delete" },
+                    worker = %asked.worker_name,
+                    version = asked.version.as_deref().unwrap_or("-"),
+                    deployer = asked.deployer.as_deref().unwrap_or("-"),
+                    "change refused"
+                ),
+                None => tracing::info!(reason, error = %refusal, "hook request refused"),
+            }
             ApiError::from(refusal).into_response()
         }
     }
 }
 
 /// Answers 201 for a new version, 200 for a repeat or a delete; with `?wait=`, also the
-/// propagation when every subscriber answered or the wait is over.
+/// propagation when every subscriber answered or the wait is over. Leaves in `asked` the
+/// verified request's metadata once it is read, so that a refusal after it can name the
+/// change.
 async fn accept(
     state: &HookState,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
+    asked: &mut Option<Metadata>,
 ) -> Result<(StatusCode, Accepted, Option<Propagation>), Refusal> {
     if state.core.is_shutting_down() {
         return Err(PublishError::ShuttingDown.into());
@@ -280,8 +311,10 @@ async fn accept(
     let form = parse_form(content_type, raw).await?;
     let metadata: Metadata = serde_json::from_slice(&form.metadata)
         .map_err(|e| Refusal::Form(format!("invalid metadata JSON: {e}")))?;
+    *asked = Some(metadata.clone());
     let worker = WorkerName::parse(&metadata.worker_name)?;
-    let (status, published) = match metadata.action {
+    let action = metadata.action;
+    let (status, published) = match action {
         Action::Delete => {
             if form.worker_code.is_some() {
                 return Err(Refusal::Form("a delete takes no worker_code".to_owned()));
@@ -311,8 +344,10 @@ async fn accept(
         }
     };
     tracing::info!(
+        action = if action.is_put() { "put" } else { "delete" },
         worker = %published.worker, version = %published.version,
-        revision = published.revision, created = published.created, "hook change accepted"
+        revision = published.revision, created = published.created,
+        deployer = metadata.deployer.as_deref().unwrap_or("-"), "change accepted"
     );
     let propagation = match wait {
         Some(wait) => Some(
@@ -323,7 +358,11 @@ async fn accept(
         ),
         None => None,
     };
-    Ok((status, published.into(), propagation))
+    Ok((
+        status,
+        Accepted::of(action, published, metadata.deployer),
+        propagation,
+    ))
 }
 
 struct Form {
@@ -448,6 +487,7 @@ mod tests {
             version: Some(version.to_owned()),
             checksum,
             action: Action::Put,
+            deployer: None,
         }
     }
 
@@ -457,6 +497,7 @@ mod tests {
             version: None,
             checksum: None,
             action: Action::Delete,
+            deployer: None,
         }
     }
 
@@ -488,6 +529,7 @@ mod tests {
         assert_eq!(body["checksum"], Checksum::of(code).as_str());
         assert_eq!(body["size"], code.len());
         assert_eq!(body["created"], true);
+        assert!(body.get("deleted").is_none(), "{body}");
         assert_eq!(body["epoch"], h.core.epoch().as_str());
         let revision = body["revision"].as_u64().unwrap();
         assert_eq!(h.core.head(), revision);

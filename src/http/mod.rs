@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod auth_failures;
+pub mod deploy_tokens;
 pub mod hook;
 pub mod limits;
 pub mod sessions;

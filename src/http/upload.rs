@@ -17,7 +17,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Body,
     extract::{Path, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
@@ -30,8 +30,9 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ApiError, BodyError,
-    auth::BearerToken,
+    auth::{BearerToken, bearer},
     content_length,
+    deploy_tokens::{DeployTokens, Deployer},
     hook::{Action, FORM_OVERHEAD_BYTES, Metadata},
     signing::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign},
     unix_now, wait_param,
@@ -66,6 +67,8 @@ pub struct UploadConfig {
     pub retry_budget: Duration,
     /// Timeout of one request to the core, sending included.
     pub attempt_timeout: Duration,
+    /// The named deploy tokens (`--tokens-file`) besides `upload_token`.
+    pub deploy_tokens: Arc<DeployTokens>,
 }
 
 impl UploadConfig {
@@ -82,6 +85,7 @@ impl UploadConfig {
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             retry_budget: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(30),
+            deploy_tokens: Arc::new(DeployTokens::none()),
         }
     }
 }
@@ -95,6 +99,7 @@ impl fmt::Debug for UploadConfig {
             .field("max_upload_bytes", &self.max_upload_bytes)
             .field("retry_budget", &self.retry_budget)
             .field("attempt_timeout", &self.attempt_timeout)
+            .field("deploy_tokens", &self.deploy_tokens.path())
             .finish()
     }
 }
@@ -202,10 +207,16 @@ impl IntoResponse for Refused {
 /// body is never read.
 async fn require_token(
     State(state): State<Arc<UploadState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    if state.token.authorizes(request.headers()) {
+    let deployer = if state.token.authorizes(request.headers()) {
+        Some(Deployer::upload_token())
+    } else {
+        bearer(request.headers()).and_then(|t| state.config.deploy_tokens.deployer(t))
+    };
+    if let Some(deployer) = deployer {
+        request.extensions_mut().insert(deployer);
         return next.run(request).await;
     }
     let mut response = Refused::new(
@@ -228,8 +239,22 @@ struct Received {
     checksum: String,
 }
 
+/// 403 for a deploy token whose patterns do not cover `worker`.
+fn forbidden(deployer: &Deployer, worker: &WorkerName) -> Response {
+    Refused::new(
+        "forbidden",
+        StatusCode::FORBIDDEN,
+        format!(
+            "deploy token {} may not change worker {worker} (see its patterns in the tokens file)",
+            deployer.name
+        ),
+    )
+    .into_response()
+}
+
 async fn upload(
     State(state): State<Arc<UploadState>>,
+    Extension(deployer): Extension<Deployer>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -242,12 +267,16 @@ async fn upload(
         Ok(received) => received,
         Err(refused) => return refused.into_response(),
     };
-    tracing::info!(worker = %received.worker, version = %received.version, size = received.code.len(), "upload received; forwarding to core");
+    if !deployer.may_change(received.worker.as_str()) {
+        return forbidden(&deployer, &received.worker);
+    }
+    tracing::info!(worker = %received.worker, version = %received.version, size = received.code.len(), deployer = %deployer.name, "upload received; forwarding to core");
     let metadata = Metadata {
         worker_name: received.worker.to_string(),
         version: Some(received.version.to_string()),
         checksum: Some(received.checksum),
         action: Action::Put,
+        deployer: Some(deployer.name.to_string()),
     };
     forward(
         &state,
@@ -261,6 +290,7 @@ async fn upload(
 
 async fn delete_worker(
     State(state): State<Arc<UploadState>>,
+    Extension(deployer): Extension<Deployer>,
     Path(name): Path<String>,
     uri: Uri,
 ) -> Response {
@@ -274,11 +304,15 @@ async fn delete_worker(
             return Refused::new("invalid", StatusCode::BAD_REQUEST, e.to_string()).into_response();
         }
     };
+    if !deployer.may_change(worker.as_str()) {
+        return forbidden(&deployer, &worker);
+    }
     let metadata = Metadata {
         worker_name: worker.to_string(),
         version: None,
         checksum: None,
         action: Action::Delete,
+        deployer: Some(deployer.name.to_string()),
     };
     forward(&state, &metadata, None, Retry::UnsentOnly, wait).await
 }
@@ -1037,6 +1071,11 @@ mod tests {
         let (status, body) = h.delete("doomed").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["worker_name"], "doomed");
+        assert_eq!(body["deleted"], true, "{body}");
+        assert!(
+            body.get("created").is_none(),
+            "a delete creates nothing: {body}"
+        );
         assert!(h.live().is_empty());
         let (status, body) = h.delete("doomed").await;
         assert_eq!(status, 404, "{body}");

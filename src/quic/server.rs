@@ -30,6 +30,7 @@ use crate::{
     acl::{AclStore, RightsGuard},
     core::{Bundle, Coded, Core, Ended, ErrorCode, RequestError, Subscription},
     pb::{QuicRequest, QuicResponse, Status, quic_request::Request, quic_response::Response},
+    peers::{self, ConnectionRecord},
     quota::{IdentityLimits, IdentityQuota, QuotaPermit},
     requests::{self, Access, Caller},
     tls,
@@ -329,7 +330,7 @@ async fn connection(
     let refused = |reason: &str| {
         metrics::counter!("workerpush_handshake_failures_total", "transport" => TRANSPORT)
             .increment(1);
-        tracing::debug!(%remote, reason, "QUIC connection refused");
+        peers::handshake_failed(TRANSPORT, remote, reason);
     };
     let connection = match accept(incoming, &shared).await {
         Ok(connection) => connection,
@@ -359,6 +360,7 @@ async fn connection(
     };
     let tracked = shared.access.connections.track(&chain);
     drop(chain);
+    let _record = ConnectionRecord::connected(TRANSPORT, identity.clone(), remote);
     let span = tracing::info_span!("quic_connection", %remote, %identity);
     let peer = Arc::new(Peer {
         identity,

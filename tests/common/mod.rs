@@ -27,6 +27,8 @@ pub struct TestServer {
     pub dir: PathBuf,
     pub addrs: HashMap<String, SocketAddr>,
     pub output: Arc<Mutex<Vec<String>>>,
+    /// The lines it wrote to stderr, when started with [`TestServer::start_capturing_logs`].
+    pub logs: Arc<Mutex<Vec<String>>>,
     args: Vec<String>,
     env: Vec<(String, String)>,
 }
@@ -44,6 +46,15 @@ impl TestServer {
 
     /// Starts the binary with `args` (plus `--data-dir`/`--certs-dir` under `dir`) and `env`.
     pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, args, env, false)
+    }
+
+    /// As [`TestServer::start`], keeping what it writes to stderr in [`TestServer::logs`].
+    pub fn start_capturing_logs(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with(dir, args, env, true)
+    }
+
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)], capture_logs: bool) -> Self {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
         let role = all[0].clone();
         if role == "serve" || role == "core" {
@@ -63,11 +74,24 @@ impl TestServer {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if capture_logs {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         for (k, v) in env {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("spawn workerpush");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
         let stdout = child.stdout.take().unwrap();
         let output = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -111,6 +135,7 @@ impl TestServer {
             dir: dir.to_owned(),
             addrs,
             output,
+            logs,
             args: all,
             env: env
                 .iter()
