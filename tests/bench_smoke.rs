@@ -67,8 +67,13 @@ fn measured_without_wait(field: &str) -> bool {
 
 /// Runs `workerpush bench --spawn --json ARGS` and answers (exit code, stdout, stderr).
 fn bench(args: &[&str]) -> (Option<i32>, String, String) {
+    bench_with(&[&["--spawn", "--json"], args].concat())
+}
+
+/// Runs `workerpush bench ARGS` and answers (exit code, stdout, stderr).
+fn bench_with(args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(BIN)
-        .args(["bench", "--spawn", "--json"])
+        .arg("bench")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -303,25 +308,9 @@ fn without_baseline_the_report_has_none() {
 
 #[test]
 fn nats_baseline_text_prints_the_ratios_beside_workerpush() {
-    let output = Command::new(BIN)
-        .args([
-            "bench",
-            "--spawn",
-            "-n",
-            "3",
-            "-m",
-            "3",
-            "--baseline",
-            "nats",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run workerpush bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
+    let (code, stdout, stderr) =
+        bench_with(&["--spawn", "-n", "3", "-m", "3", "--baseline", "nats"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("workerpush bench fanout over grpc"),
         "{stdout}"

@@ -42,6 +42,7 @@ use super::{
     ledger::{Ledger, unix_ns},
     per_subscriber,
     publish::{Waited, code, filler, pace_all},
+    target::terminate,
 };
 use crate::tls::{
     self, ClientTlsPurpose,
@@ -158,17 +159,9 @@ impl NatsServer {
         }
     }
 
-    /// SIGTERM, then a kill if it has not exited within 5 s.
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s.
     pub async fn stop(mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(self.pid).unwrap_or(0)) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-        }
+        terminate(&mut self.child, self.pid, "nats-server").await;
     }
 }
 
