@@ -4,8 +4,8 @@
 //! The server is started on a free loopback port with the dev PKI of the TLS module written
 //! to a temp dir (client certificates required, as workerpush requires them), and its memory
 //! and CPU time are read from `/proc` like a spawned core's. Each subscriber is its own
-//! `async-nats` client on its own TLS connection (ring-only rustls, the project's own client
-//! configuration). A change is one message on the run's subject: its publish sequence, its
+//! `async-nats` client on its own TLS connection (ring-only rustls, trusting only the dev CA,
+//! presenting the dev client certificate). A change is one message on the run's subject: its publish sequence, its
 //! index, the SHA-256 of its code, the code (the same bytes the hook publisher sends). Every
 //! subscriber verifies the checksum and counts losses, duplicates and reordering as the
 //! workerpush fleet does; latency is from just before the publish to the verified message, on
@@ -45,7 +45,7 @@ use super::{
     target::terminate,
 };
 use crate::tls::{
-    self, ClientTlsPurpose,
+    self,
     pki::{CA_CERT, DEV_CLIENT, SERVER_CERT, SERVER_KEY, client_paths},
 };
 
@@ -74,12 +74,20 @@ impl NatsServer {
     /// Starts `bin` with TLS (client certificates required), payloads up to `size` bytes of
     /// code, and waits until it listens.
     pub async fn start(bin: &Path, size: usize) -> Result<Self, BenchError> {
-        let fail = |what: String| BenchError::Spawn(format!("nats-server: {what}"));
         let dir = std::env::temp_dir().join(format!(
             "workerpush-bench-nats-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         ));
+        let started = Self::launch(bin, size, dir.clone()).await;
+        if started.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        started
+    }
+
+    async fn launch(bin: &Path, size: usize, dir: PathBuf) -> Result<Self, BenchError> {
+        let fail = |what: String| BenchError::Spawn(format!("nats-server: {what}"));
         let certs = dir.join("certs");
         tls::pki::ensure_dev(&certs, DEV_CLIENT).map_err(|e| fail(e.to_string()))?;
         let [cert, key] = client_paths(&certs, DEV_CLIENT);
@@ -101,12 +109,15 @@ impl NatsServer {
         let config_file = dir.join("nats.conf");
         std::fs::write(&config_file, config)
             .map_err(|e| fail(format!("{}: {e}", config_file.display())))?;
+        let log = dir.join("nats-server.log");
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| fail(format!("{}: {e}", log.display())))?;
         let child = Command::new(bin)
             .arg("-c")
             .arg(&config_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -144,8 +155,12 @@ impl NatsServer {
                 return Ok(port);
             }
             if let Ok(Some(status)) = self.child.try_wait() {
+                let log =
+                    std::fs::read_to_string(self.dir.join("nats-server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
                 return Err(BenchError::Spawn(format!(
-                    "nats-server exited before listening ({status})"
+                    "nats-server exited before listening ({status}): {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                 )));
             }
             if Instant::now() > deadline {
@@ -366,13 +381,6 @@ async fn fan_out(
             ProcessSample::own().ok(),
         )
     };
-    let tls = tls::client_config(
-        &server.ca,
-        &server.cert,
-        &server.key,
-        ClientTlsPurpose::Grpc,
-    )
-    .map_err(|e| BenchError::Config(e.to_string()))?;
     // Connections lost (the client reconnects by itself; what it missed meanwhile is lost).
     let disconnects = Arc::new(AtomicU64::new(0));
     let options = || {
@@ -386,8 +394,14 @@ async fn fan_out(
                     }
                 }
             })
+            // The dev PKI's files rather than `tls_client_config`: given a whole rustls
+            // configuration, async-nats 0.51 still loads (and drops) the system's root
+            // certificates on every connect, blocking a runtime thread for tens of ms each.
+            // So configured it builds a ring-only rustls configuration (TLS 1.2 and 1.3, the
+            // process's ring provider) trusting only the dev CA.
             .require_tls(true)
-            .tls_client_config((*tls).clone())
+            .add_root_certificates(server.ca.clone())
+            .add_client_certificate(server.cert.clone(), server.key.clone())
             .subscription_capacity(plan.changes.max(1024) + 16)
             .connection_timeout(Duration::from_secs(30))
     };

@@ -42,7 +42,7 @@ impl Spread {
 /// Everything a run measured. Field names are stable: scripts read them.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// `grpc` or `quic`.
+    /// `grpc` or `quic`; a `--baseline nats` report: `nats-tls`.
     pub transport: &'static str,
     /// `fanout`, `bundle` or `storm`.
     pub scenario: &'static str,
