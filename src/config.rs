@@ -509,6 +509,14 @@ pub enum BenchScenario {
     Storm,
 }
 
+/// A baseline engine `workerpush bench --baseline` runs the same fan-out through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBaseline {
+    /// A local `nats-server` with TLS (no persistence), each subscriber on its own TLS
+    /// connection.
+    Nats,
+}
+
 /// `workerpush bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -589,6 +597,14 @@ pub struct BenchArgs {
         default_value = "certs/clients/consumer-1-key.pem"
     )]
     pub key: PathBuf,
+    /// After the run, the same fan-out (N, M, S, pace, one clock, the same accounting)
+    /// through this engine, reported beside workerpush's figures with the ratios. Fanout and
+    /// bundle only, without `--wait`.
+    #[arg(long, env = "BENCH_BASELINE", value_enum)]
+    pub baseline: Option<BenchBaseline>,
+    /// `--baseline nats`: the `nats-server` binary to start.
+    #[arg(long, env = "BENCH_NATS_SERVER", default_value = "nats-server")]
+    pub nats_server: PathBuf,
     /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,

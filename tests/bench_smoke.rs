@@ -67,8 +67,13 @@ fn measured_without_wait(field: &str) -> bool {
 
 /// Runs `workerpush bench --spawn --json ARGS` and answers (exit code, stdout, stderr).
 fn bench(args: &[&str]) -> (Option<i32>, String, String) {
+    bench_with(&[&["--spawn", "--json"], args].concat())
+}
+
+/// Runs `workerpush bench ARGS` and answers (exit code, stdout, stderr).
+fn bench_with(args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(BIN)
-        .args(["bench", "--spawn", "--json"])
+        .arg("bench")
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -216,4 +221,131 @@ fn reconnect_storm_over_quic_resumes_from_the_log() {
     ]);
     assert_eq!(report["deliveries"], 200);
     assert_eq!(report["resets"], 0, "{report}");
+}
+
+/// The ratios a `--baseline` report carries.
+const RATIOS: &[&str] = &[
+    "p50",
+    "p90",
+    "p99",
+    "max",
+    "all_held_p50",
+    "deliveries_per_sec",
+    "cpu_seconds_per_delivery",
+    "rss_per_idle_subscriber_kib",
+    "connect_secs",
+];
+
+/// Checks the NATS baseline of a `--baseline nats` report: the same run's parameters, every
+/// field, nothing lost, and ratios that are workerpush's figures over the baseline's.
+fn check_nats_baseline(report: &Value) {
+    let baseline = &report["baseline"];
+    let nats = &baseline["report"];
+    let object = nats
+        .as_object()
+        .unwrap_or_else(|| panic!("no baseline in {report}"));
+    for field in FIELDS {
+        assert!(object.contains_key(*field), "no {field:?} in {nats}");
+    }
+    assert_eq!(nats["transport"], "nats-tls");
+    for same in ["scenario", "n", "m", "s", "r", "in_flight", "workers"] {
+        assert_eq!(nats[same], report[same], "{same}: {report}");
+    }
+    assert_eq!(nats["lost"], 0, "{nats}");
+    assert_eq!(nats["duplicates"], 0, "{nats}");
+    assert_eq!(nats["verify_failures"], 0, "{nats}");
+    assert_eq!(nats["deliveries"], nats["expected"], "{nats}");
+    assert_eq!(nats["deliveries"], report["deliveries"], "{report}");
+    // The server is sampled like a spawned core: every figure is measured (the pace fields,
+    // one of them null, are the run's, compared above).
+    let measured = |f: &&&str| measured_without_wait(f) && **f != "in_flight";
+    for field in FIELDS.iter().filter(measured) {
+        assert_ne!(nats[*field], Value::Null, "{field} is null in {nats}");
+    }
+    let ratios = baseline["ratios"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no ratios in {baseline}"));
+    for ratio in RATIOS {
+        assert!(
+            ratios.contains_key(*ratio),
+            "no ratio {ratio:?} in {baseline}"
+        );
+    }
+    let figure = |report: &Value, field: &str| {
+        report[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} in {report}"))
+    };
+    for (ratio, field) in [
+        ("p50", "p50_us"),
+        ("p99", "p99_us"),
+        ("deliveries_per_sec", "deliveries_per_sec"),
+    ] {
+        let expected = figure(report, field) / figure(nats, field);
+        let actual = figure(&baseline["ratios"], ratio);
+        assert!(
+            (actual - expected).abs() <= 1e-9 * expected.abs().max(1.0),
+            "{ratio}: {actual} is not {expected} in {report}"
+        );
+    }
+}
+
+#[test]
+fn nats_baseline_in_both_loops_loses_nothing_and_reports_every_field_and_ratio() {
+    let closed = report(&["-n", "20", "-m", "20", "--baseline", "nats"]);
+    assert_eq!(closed["baseline"]["report"]["in_flight"], 8);
+    check_nats_baseline(&closed);
+    let open = report(&["-n", "20", "-m", "20", "-r", "200", "--baseline", "nats"]);
+    assert_eq!(open["baseline"]["report"]["r"], 200.0);
+    check_nats_baseline(&open);
+}
+
+#[test]
+fn without_baseline_the_report_has_none() {
+    let report = report(&["-n", "2", "-m", "2"]);
+    assert!(report.get("baseline").is_none(), "{report}");
+}
+
+#[test]
+fn nats_baseline_text_prints_the_ratios_beside_workerpush() {
+    let (code, stdout, stderr) =
+        bench_with(&["--spawn", "-n", "3", "-m", "3", "--baseline", "nats"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("workerpush bench fanout over grpc"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fanout over nats-tls"), "{stdout}");
+    assert!(
+        stdout.contains("workerpush grpc ÷ nats-tls: p50 "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn nats_baseline_is_refused_for_the_storm_and_with_wait_and_names_a_missing_server() {
+    for args in [
+        &["--scenario", "storm", "--baseline", "nats"][..],
+        &["--wait", "5s", "--baseline", "nats"][..],
+    ] {
+        let (code, _, stderr) = bench(args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("--baseline"), "{args:?}: {stderr}");
+    }
+    let missing = "/nonexistent/nats-server";
+    let (code, stdout, stderr) = bench(&[
+        "-n",
+        "2",
+        "-m",
+        "2",
+        "--baseline",
+        "nats",
+        "--nats-server",
+        missing,
+    ]);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(missing) && stderr.contains("apt-get install nats-server"),
+        "{stderr}"
+    );
 }

@@ -13,6 +13,7 @@
 //! - `publish`: signed hook requests, open or closed loop.
 //! - `fleet`: the subscribers.
 //! - `report`: the figures, as JSON or text.
+//! - `nats`: `--baseline nats`, the same fan-out through a local `nats-server` over TLS.
 //!
 //! Uses the client library, the TLS module and the hook's public pieces (signing, form
 //! encoding, its answer); nothing of the core's internals or the servers.
@@ -20,13 +21,18 @@
 mod fleet;
 pub(crate) mod host;
 mod ledger;
+mod nats;
 mod publish;
 mod report;
 mod target;
 
-pub use self::{host::Machine, report::Report};
+pub use self::{
+    host::Machine,
+    report::{Baseline, Report},
+};
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -44,7 +50,7 @@ use self::{
 };
 use crate::{
     client::{ClientError, GrpcTransport, QuicTransport},
-    config::{BenchArgs, BenchScenario, TransportKind},
+    config::{BenchArgs, BenchBaseline, BenchScenario, TransportKind},
     tls::ClientTlsPurpose,
 };
 
@@ -114,6 +120,10 @@ struct Plan {
     wait: Option<Duration>,
     /// `None`: spawn a core.
     remote: Option<Endpoints>,
+    /// The same fan-out through this engine after the run.
+    baseline: Option<BenchBaseline>,
+    /// `--baseline nats`: the server binary.
+    nats_server: PathBuf,
 }
 
 impl Plan {
@@ -151,6 +161,19 @@ impl Plan {
                 );
             }
             _ => {}
+        }
+        if args.baseline.is_some() {
+            if args.scenario == BenchScenario::Storm {
+                return bad(
+                    "--baseline is for fanout and bundle: core NATS keeps nothing to resume from"
+                        .to_owned(),
+                );
+            }
+            if args.wait.is_some() {
+                return bad(
+                    "--baseline runs without --wait: core NATS has no acknowledgements".to_owned(),
+                );
+            }
         }
         let pace = match (args.rate, args.in_flight) {
             (Some(_), Some(_)) => {
@@ -210,6 +233,8 @@ impl Plan {
             deadline: args.deadline,
             wait: args.wait,
             remote,
+            baseline: args.baseline,
+            nats_server: args.nats_server,
         })
     }
 
@@ -277,6 +302,7 @@ impl Plan {
             bench_cpu_seconds: None,
             open_file_limit,
             machine: Machine::this(),
+            baseline: None,
         }
     }
 }
@@ -295,8 +321,17 @@ pub async fn run(args: BenchArgs, shutdown: CancellationToken) -> Result<Report,
             plan.subscribers
         )));
     }
+    let run = async {
+        let mut report = execute(&plan, open_file_limit).await?;
+        if let Some(BenchBaseline::Nats) = plan.baseline {
+            tracing::info!("the same fan-out through nats-server over TLS");
+            let nats = nats::measure(&plan, open_file_limit).await?;
+            report.baseline = Some(Box::new(Baseline::new(&report, nats)));
+        }
+        Ok(report)
+    };
     tokio::select! {
-        report = execute(&plan, open_file_limit) => report,
+        report = run => report,
         () = shutdown.cancelled() => Err(BenchError::Interrupted),
     }
 }
@@ -392,8 +427,52 @@ async fn measure(
         mut latencies_us,
         window_ns,
     } = measured;
-    report.set_latency(Spread::of(&mut latencies_us));
-    count(&mut report, &tallies);
+    let sum = |f: fn(&Tally) -> u32| tallies.iter().map(|t| u64::from(f(t))).sum::<u64>();
+    let counts = Counts {
+        received: sum(|t| t.received),
+        duplicates: sum(|t| t.duplicates),
+        verify_failures: sum(|t| t.verify_failures),
+        resets: sum(|t| t.resets),
+        reconnects: sum(|t| t.reconnects),
+    };
+    finish(
+        &mut report,
+        counts,
+        &mut latencies_us,
+        window_ns,
+        start,
+        end,
+    );
+    Ok(report)
+}
+
+/// The sums of the subscribers' accounts.
+struct Counts {
+    received: u64,
+    duplicates: u64,
+    verify_failures: u64,
+    resets: u64,
+    reconnects: u64,
+}
+
+/// Fills in what the measured phase yields: latency percentiles over `latencies_us`, the
+/// counts, deliveries per second over `window_ns`, and CPU time between the samples.
+fn finish(
+    report: &mut Report,
+    counts: Counts,
+    latencies_us: &mut [u64],
+    window_ns: u64,
+    start: Samples,
+    end: Samples,
+) {
+    report.set_latency(Spread::of(latencies_us));
+    report.deliveries = counts.received;
+    report.duplicates = counts.duplicates;
+    report.verify_failures = counts.verify_failures;
+    report.resets = counts.resets;
+    report.reconnects = counts.reconnects;
+    report.expected = u64::try_from(report.n * report.m).unwrap_or(u64::MAX);
+    report.lost = report.expected.saturating_sub(report.deliveries);
     if window_ns > 0 {
         report.deliveries_per_sec = report.deliveries as f64 / (window_ns as f64 / 1e9);
     }
@@ -407,7 +486,6 @@ async fn measure(
             report.cpu_seconds_per_delivery = Some(cpu / report.deliveries as f64);
         }
     }
-    Ok(report)
 }
 
 /// Samples of the spawned core (if any) and of this process.
@@ -457,14 +535,7 @@ async fn fanout(
         .iter()
         .flat_map(|t| t.latencies_us.iter().map(|&us| u64::from(us)))
         .collect();
-    let mut all_held: Vec<u64> = ledger
-        .slowest_per_change()
-        .into_iter()
-        .map(|ns| ns / 1_000)
-        .collect();
-    let all_held = Spread::of(&mut all_held);
-    report.all_held_p50_us = all_held.map(|s| s.p50);
-    report.all_held_max_us = all_held.map(|s| s.max);
+    all_held(report, ledger);
     Ok(Measured {
         start,
         end,
@@ -513,16 +584,17 @@ async fn storm(
     })
 }
 
-/// Sums the tallies into the report.
-fn count(report: &mut Report, tallies: &[Tally]) {
-    let sum = |f: fn(&Tally) -> u32| tallies.iter().map(|t| u64::from(f(t))).sum::<u64>();
-    report.deliveries = sum(|t| t.received);
-    report.duplicates = sum(|t| t.duplicates);
-    report.verify_failures = sum(|t| t.verify_failures);
-    report.resets = sum(|t| t.resets);
-    report.reconnects = sum(|t| t.reconnects);
-    report.expected = u64::try_from(report.n * report.m).unwrap_or(u64::MAX);
-    report.lost = report.expected.saturating_sub(report.deliveries);
+/// Per change, from its send until the last subscriber held it: the report's `all_held`
+/// figures.
+fn all_held(report: &mut Report, ledger: &Ledger) {
+    let mut all_held: Vec<u64> = ledger
+        .slowest_per_change()
+        .into_iter()
+        .map(|ns| ns / 1_000)
+        .collect();
+    let all_held = Spread::of(&mut all_held);
+    report.all_held_p50_us = all_held.map(|s| s.p50);
+    report.all_held_max_us = all_held.map(|s| s.max);
 }
 
 /// RSS growth per subscriber, KiB.

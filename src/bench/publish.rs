@@ -67,7 +67,7 @@ pub struct Published {
 
 /// What the answer to an accepted change said, with a wait: whether every subscriber had
 /// acknowledged it, and how long after the request it came.
-type Waited = Option<(bool, Duration)>;
+pub type Waited = Option<(bool, Duration)>;
 
 impl Published {
     fn merge(&mut self, result: Result<Waited, String>) {
@@ -103,6 +103,25 @@ impl Published {
             self.errors.join("; ")
         )))
     }
+}
+
+/// `size` bytes (at least [`MIN_SIZE`]) of lines of a JavaScript comment, so that the code is
+/// at least plausible: what [`code`] writes a version's header over.
+pub fn filler(size: usize) -> Bytes {
+    let line = format!("//{}\n", "-".repeat(61));
+    line.bytes().cycle().take(size.max(MIN_SIZE)).collect()
+}
+
+/// The code of a version: `filler`, its first line naming the version.
+pub fn code(filler: &[u8], version: &str) -> Bytes {
+    let mut code = BytesMut::from(filler);
+    let header = format!(
+        "// workerpush bench {version:<width$}\n",
+        width = HEADER_BYTES
+    );
+    code[..HEADER_BYTES - 1].copy_from_slice(&header.as_bytes()[..HEADER_BYTES - 1]);
+    code[HEADER_BYTES - 1] = b'\n';
+    code.freeze()
 }
 
 /// Signs and sends the changes of a [`Ledger`].
@@ -143,9 +162,6 @@ impl Publisher {
             .timeout(Duration::from_secs(60) + wait.unwrap_or_default())
             .build()
             .map_err(|e| BenchError::Config(format!("HTTP client: {e}")))?;
-        // Lines of a JavaScript comment, so that the code is at least plausible.
-        let line = format!("//{}\n", "-".repeat(61));
-        let filler: Vec<u8> = line.bytes().cycle().take(size.max(MIN_SIZE)).collect();
         let mut url = url;
         if let Some(wait) = wait {
             url.query_pairs_mut()
@@ -155,21 +171,14 @@ impl Publisher {
             http,
             url,
             secret: Arc::from(secret.as_bytes()),
-            filler: Bytes::from(filler),
+            filler: filler(size),
             waits: wait.is_some(),
         })
     }
 
     /// The code of a version: the filler, its first line naming the version.
     fn code(&self, version: &str) -> Bytes {
-        let mut code = BytesMut::from(&self.filler[..]);
-        let header = format!(
-            "// workerpush bench {version:<width$}\n",
-            width = HEADER_BYTES
-        );
-        code[..HEADER_BYTES - 1].copy_from_slice(&header.as_bytes()[..HEADER_BYTES - 1]);
-        code[HEADER_BYTES - 1] = b'\n';
-        code.freeze()
+        code(&self.filler, version)
     }
 
     /// Publishes change `index`; answers what the hook said of the wait, if it waited. The
@@ -241,8 +250,21 @@ impl Publisher {
 
 /// Publishes every change of `ledger` at `pace`.
 pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: Pace) -> Published {
-    let started = Instant::now();
     let changes = ledger.changes();
+    pace_all(changes, pace, move |index| {
+        let (publisher, ledger) = (publisher.clone(), ledger.clone());
+        async move { publisher.publish(&ledger, index).await }
+    })
+    .await
+}
+
+/// Sends changes `0..changes` at `pace` with `send` (the hook's publisher, or a baseline's).
+pub async fn pace_all<F, Fut>(changes: usize, pace: Pace, send: F) -> Published
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Waited, String>> + Send + 'static,
+{
+    let started = Instant::now();
     let mut published = Published::default();
     let mut tasks = JoinSet::new();
     match pace {
@@ -252,8 +274,8 @@ pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: P
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             for index in 0..changes {
                 ticker.tick().await;
-                let (publisher, ledger) = (publisher.clone(), ledger.clone());
-                tasks.spawn(async move { vec![publisher.publish(&ledger, index).await] });
+                let sending = send(index);
+                tasks.spawn(async move { vec![sending.await] });
                 // Collect finished requests as we go, so that results do not pile up.
                 while let Some(Ok(results)) = tasks.try_join_next() {
                     results.into_iter().for_each(|r| published.merge(r));
@@ -263,7 +285,7 @@ pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: P
         Pace::Closed { in_flight } => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..in_flight.min(changes) {
-                let (publisher, ledger, next) = (publisher.clone(), ledger.clone(), next.clone());
+                let (send, next) = (send.clone(), next.clone());
                 tasks.spawn(async move {
                     let mut results = Vec::new();
                     loop {
@@ -271,7 +293,7 @@ pub async fn publish_all(publisher: Arc<Publisher>, ledger: Arc<Ledger>, pace: P
                         if index >= changes {
                             return results;
                         }
-                        results.push(publisher.publish(&ledger, index).await);
+                        results.push(send(index).await);
                     }
                 });
             }

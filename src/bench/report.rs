@@ -42,7 +42,7 @@ impl Spread {
 /// Everything a run measured. Field names are stable: scripts read them.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// `grpc` or `quic`.
+    /// `grpc` or `quic`; a `--baseline nats` report: `nats-tls`.
     pub transport: &'static str,
     /// `fanout`, `bundle` or `storm`.
     pub scenario: &'static str,
@@ -121,6 +121,115 @@ pub struct Report {
     pub open_file_limit: u64,
     /// Where it ran.
     pub machine: Machine,
+    /// `--baseline`: the same fan-out through the baseline engine, and the ratios. Absent
+    /// without `--baseline`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Box<Baseline>>,
+}
+
+/// The baseline's own report (`transport` says which engine: `nats-tls`) and workerpush's
+/// figures divided by it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    /// The baseline's figures, field for field as workerpush's (its server in the `core_*`,
+    /// `rss_per_idle_subscriber_kib` and `cpu_seconds_per_delivery` fields).
+    pub report: Report,
+    /// Workerpush ÷ baseline.
+    pub ratios: Ratios,
+}
+
+/// Workerpush's figure ÷ the baseline's (null where either is missing or the baseline's is
+/// 0). For latencies, CPU and memory below 1 means workerpush does better; for deliveries
+/// per second above 1 does.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Ratios {
+    /// Median latency.
+    pub p50: Option<f64>,
+    /// 90th percentile latency.
+    pub p90: Option<f64>,
+    /// 99th percentile latency.
+    pub p99: Option<f64>,
+    /// Largest latency.
+    pub max: Option<f64>,
+    /// Median time until every subscriber held a change.
+    pub all_held_p50: Option<f64>,
+    /// Deliveries per second.
+    pub deliveries_per_sec: Option<f64>,
+    /// Server CPU per delivery.
+    pub cpu_seconds_per_delivery: Option<f64>,
+    /// Server RSS per idle subscriber.
+    pub rss_per_idle_subscriber_kib: Option<f64>,
+    /// Time to connect and sync every subscriber.
+    pub connect_secs: Option<f64>,
+}
+
+impl Baseline {
+    /// `baseline` beside `ours`.
+    pub fn new(ours: &Report, baseline: Report) -> Self {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let us = |v: Option<u64>| v.map(|v| v as f64);
+        let ratios = Ratios {
+            p50: ratio(us(ours.p50_us), us(baseline.p50_us)),
+            p90: ratio(us(ours.p90_us), us(baseline.p90_us)),
+            p99: ratio(us(ours.p99_us), us(baseline.p99_us)),
+            max: ratio(us(ours.max_us), us(baseline.max_us)),
+            all_held_p50: ratio(us(ours.all_held_p50_us), us(baseline.all_held_p50_us)),
+            deliveries_per_sec: ratio(
+                Some(ours.deliveries_per_sec),
+                Some(baseline.deliveries_per_sec),
+            ),
+            cpu_seconds_per_delivery: ratio(
+                ours.cpu_seconds_per_delivery,
+                baseline.cpu_seconds_per_delivery,
+            ),
+            rss_per_idle_subscriber_kib: ratio(
+                ours.rss_per_idle_subscriber_kib,
+                baseline.rss_per_idle_subscriber_kib,
+            ),
+            connect_secs: ratio(Some(ours.connect_secs), Some(baseline.connect_secs)),
+        };
+        Self {
+            report: baseline,
+            ratios,
+        }
+    }
+
+    /// The baseline's summary and a line of ratios.
+    fn render(&self, ours: &str) -> String {
+        let mut out = format!(
+            "baseline, the same run through {}:\n",
+            self.report.transport
+        );
+        out.push_str(&self.report.render(false));
+        let figures = [
+            ("p50", self.ratios.p50),
+            ("p99", self.ratios.p99),
+            ("max", self.ratios.max),
+            ("all held p50", self.ratios.all_held_p50),
+            ("deliveries/s", self.ratios.deliveries_per_sec),
+            ("CPU per delivery", self.ratios.cpu_seconds_per_delivery),
+            (
+                "RSS per idle subscriber",
+                self.ratios.rss_per_idle_subscriber_kib,
+            ),
+            ("connect", self.ratios.connect_secs),
+        ];
+        let shown: Vec<String> = figures
+            .iter()
+            .filter_map(|(name, ratio)| ratio.map(|r| format!("{name} {r:.2}×")))
+            .collect();
+        let _ = write!(
+            out,
+            "\n  workerpush {} ÷ {}: {}",
+            ours,
+            self.report.transport,
+            shown.join(", ")
+        );
+        out
+    }
 }
 
 impl Report {
@@ -154,6 +263,15 @@ impl Report {
             problems.push(format!(
                 "{not_acked} changes not acknowledged by every subscriber within the wait"
             ));
+        }
+        if let Some(baseline) = &self.baseline {
+            problems.extend(
+                baseline
+                    .report
+                    .problems()
+                    .into_iter()
+                    .map(|p| format!("baseline {}: {p}", baseline.report.transport)),
+            );
         }
         problems
     }
@@ -249,6 +367,9 @@ impl Report {
             "  machine: {} cores, {}; open-file limit {}",
             self.machine.cores, self.machine.cpu, self.open_file_limit
         );
+        if let Some(baseline) = &self.baseline {
+            let _ = write!(out, "\n{}", baseline.render(self.transport));
+        }
         out
     }
 }

@@ -199,19 +199,21 @@ impl SpawnedCore {
 
     /// SIGTERM, then SIGKILL if it has not exited within a few seconds.
     pub async fn stop(mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(self.pid).unwrap_or(0)) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                pid = self.pid,
-                "spawned core did not stop on SIGTERM; killing it"
-            );
-            let _ = self.child.kill().await;
-        }
+        terminate(&mut self.child, self.pid, "spawned core").await;
+    }
+}
+
+/// SIGTERM to `child` (`pid`), then SIGKILL if it has not exited within 5 s.
+pub async fn terminate(child: &mut Child, pid: u32, what: &str) {
+    if let Some(id) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+        let _ = rustix::process::kill_process(id, rustix::process::Signal::TERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(pid, "{what} did not stop on SIGTERM; killing it");
+        let _ = child.kill().await;
     }
 }
 
