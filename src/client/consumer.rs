@@ -502,30 +502,57 @@ impl PendingAcks {
     }
 }
 
-/// Sends pending acks in the background so that applying never waits on a round trip. An ack
-/// leaves the queue once the server answered it, or a newer one for its worker replaced it. An
-/// ack the server refuses (its store briefly away, say) is dropped and the next ones still go:
-/// a later ack covers it. A broken connection ends the acker and keeps the ack for the next.
+/// How long the acker waits after the first ack of a quiet spell, so that the acks ready
+/// together go out as one batch.
+const ACK_LINGER: Duration = Duration::from_millis(2);
+
+/// Sends pending acks in the background so that applying never waits on a round trip: every
+/// ack pending goes in one batch on the session's ack stream (one message, one answer), and
+/// what is acked meanwhile goes in the next. An ack leaves the queue once its batch was
+/// answered, or a newer one for its worker replaced it. A batch the server refuses (its store
+/// briefly away, a worker no longer allowed) is sent again ack by ack, so that one refused ack
+/// does not take the others with it; a refused one is dropped, a later ack covers it. A broken
+/// connection ends the acker and keeps the acks for the next.
 async fn send_acks(session: Arc<dyn Session>, pending: Arc<PendingAcks>) {
     loop {
-        let next = pending.lock().values().next().cloned();
-        let Some(ack) = next else {
+        let batch: Vec<AckRequest> = pending
+            .lock()
+            .values()
+            .take(crate::pb::MAX_ACKS_PER_BATCH)
+            .cloned()
+            .collect();
+        if batch.is_empty() {
             pending.ready.notified().await;
+            tokio::time::sleep(ACK_LINGER).await;
             continue;
-        };
-        match session.ack(ack.clone()).await {
+        }
+        match session.ack_batch(batch.clone()).await {
             Ok(()) => {}
             Err(error @ ClientError::Status { .. }) => {
-                tracing::debug!(%error, "ack refused; going on with the next");
+                tracing::debug!(%error, acks = batch.len(), "ack batch refused; sending its acks one by one");
+                for ack in &batch {
+                    match session.ack(ack.clone()).await {
+                        Ok(()) => {}
+                        Err(error @ ClientError::Status { .. }) => {
+                            tracing::debug!(%error, "ack refused; going on with the next");
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "ack not delivered; kept for the next connection");
+                            return;
+                        }
+                    }
+                }
             }
             Err(error) => {
-                tracing::debug!(%error, "ack not delivered; kept for the next connection");
+                tracing::debug!(%error, "acks not delivered; kept for the next connection");
                 return;
             }
         }
         let mut latest = pending.lock();
-        if latest.get(&ack.worker_name) == Some(&ack) {
-            latest.remove(&ack.worker_name);
+        for ack in &batch {
+            if latest.get(&ack.worker_name) == Some(ack) {
+                latest.remove(&ack.worker_name);
+            }
         }
         if latest.is_empty() {
             pending.emptied.notify_waiters();
