@@ -212,6 +212,19 @@ fn raw_quic(certs: &Path) -> (quinn::Endpoint, quinn::ClientConfig) {
     (endpoint, quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
+/// A raw QUIC connection to `addr` from `endpoint`.
+async fn raw_quic_connect(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    addr: SocketAddr,
+) -> quinn::Connection {
+    endpoint
+        .connect_with(config.clone(), addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
 /// Sends `bytes` on a new stream of `connection`, finishes it, and reads the first answer.
 async fn quic_exchange(connection: &quinn::Connection, bytes: &[u8]) -> quic_response::Response {
     let (mut send, recv) = connection.open_bi().await.unwrap();
@@ -1092,13 +1105,7 @@ async fn connections_past_the_identity_limit_are_refused_on_both_transports() {
 
     // QUIC: the third connection is closed with CLOSE_RESOURCE_EXHAUSTED and a reason.
     let (endpoint, config) = raw_quic(&certs);
-    let connect = || async {
-        endpoint
-            .connect_with(config.clone(), quic_addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap()
-    };
+    let connect = || raw_quic_connect(&endpoint, &config, quic_addr);
     let a = connect().await;
     let b = connect().await;
     for connection in [&a, &b] {
@@ -1865,13 +1872,7 @@ async fn an_ack_stream_that_floods_without_reading_leaves_memory_bounded() {
     hook_put(server.addr("http"), &secret, "app", "1", b"code").await;
     let (certs, quic_addr) = (server.certs(), server.addr("quic"));
     let (endpoint, config) = raw_quic(&certs);
-    let connect = || async {
-        endpoint
-            .connect_with(config.clone(), quic_addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap()
-    };
+    let connect = || raw_quic_connect(&endpoint, &config, quic_addr);
     let (flooder, bystander) = (connect().await, connect().await);
     // 800 acks padded with a 1 KiB reason each (ignored: applied): about 830 KB, a frame under
     // the request limit.

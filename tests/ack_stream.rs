@@ -52,14 +52,6 @@ fn ack(consumer_id: &str, update: &WorkerUpdate, error: Option<&str>) -> AckRequ
     }
 }
 
-fn ids(list: &serde_json::Value) -> Vec<&str> {
-    list.as_array()
-        .unwrap_or_else(|| panic!("not a list: {list}"))
-        .iter()
-        .map(|entry| entry["consumer_id"].as_str().unwrap())
-        .collect()
-}
-
 async fn acks_on_a_stream(transport: &str) {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::serve_dev(dir.path(), &[]);
