@@ -586,10 +586,12 @@ mod tests {
         pb::{ListWorkersRequest, ListWorkersResponse, RegisterResponse},
     };
 
-    /// Records the acks it takes; refuses them all when `broken`.
+    /// Records the acks it takes, and the size of each batch; refuses them all when `broken`.
+    #[derive(Default)]
     struct Recorder {
         broken: bool,
         acked: Mutex<Vec<(String, u64)>>,
+        batches: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
@@ -608,6 +610,13 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((request.worker_name, request.revision));
+            Ok(())
+        }
+        async fn ack_batch(&self, acks: Vec<AckRequest>) -> Result<(), ClientError> {
+            self.batches.lock().unwrap().push(acks.len());
+            for request in acks {
+                self.ack(request).await?;
+            }
             Ok(())
         }
         async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
@@ -666,11 +675,7 @@ mod tests {
         pending.push(ack("b", 2));
         let flaky = Arc::new(Flaky::default());
         let task = tokio::spawn(send_acks(flaky.clone(), pending.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !pending.lock().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
-            tokio::task::yield_now().await;
-        }
+        drained(&pending).await;
         assert!(!task.is_finished(), "the acker goes on after a refusal");
         task.abort();
         assert_eq!(*flaky.acked.lock().unwrap(), [2]);
@@ -684,21 +689,14 @@ mod tests {
         pending.push(ack("a", 3));
         let broken = Arc::new(Recorder {
             broken: true,
-            acked: Mutex::new(Vec::new()),
+            ..Recorder::default()
         });
         send_acks(broken, pending.clone()).await;
         assert_eq!(pending.lock().len(), 2, "nothing delivered, nothing lost");
 
-        let healthy = Arc::new(Recorder {
-            broken: false,
-            acked: Mutex::new(Vec::new()),
-        });
+        let healthy = Arc::new(Recorder::default());
         let task = tokio::spawn(send_acks(healthy.clone(), pending.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !pending.lock().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
-            tokio::task::yield_now().await;
-        }
+        drained(&pending).await;
         task.abort();
         let acked = healthy.acked.lock().unwrap().clone();
         assert_eq!(
@@ -706,6 +704,33 @@ mod tests {
             [("a".to_owned(), 3), ("b".to_owned(), 2)],
             "latest per worker"
         );
+    }
+
+    async fn drained(pending: &PendingAcks) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pending.lock().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_ready_together_go_as_one_batch() {
+        let pending = Arc::new(PendingAcks::default());
+        for i in 0..100 {
+            pending.push(ack(&format!("w{i:03}"), 1));
+        }
+        let recorder = Arc::new(Recorder::default());
+        let task = tokio::spawn(send_acks(recorder.clone(), pending.clone()));
+        drained(&pending).await;
+        // Acked within the linger of one another, while the acker waits: one batch more.
+        for i in 0..3 {
+            pending.push(ack(&format!("w{i:03}"), 2));
+        }
+        drained(&pending).await;
+        task.abort();
+        assert_eq!(*recorder.batches.lock().unwrap(), [100, 3]);
+        assert_eq!(recorder.acked.lock().unwrap().len(), 103);
     }
 
     /// A server that sends `updates` on every subscription (then ends it, or keeps it open),
