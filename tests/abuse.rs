@@ -1910,6 +1910,9 @@ async fn an_ack_stream_that_floods_without_reading_leaves_memory_bounded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     writer.await.unwrap();
+    eprintln!(
+        "ack flood: core RSS {baseline} MiB before, {peak} MiB at most during {FRAMES} frames"
+    );
     assert!(
         peak < baseline + 48,
         "~{} MB of acks raised the core from {baseline} to {peak} MiB",
@@ -1929,4 +1932,36 @@ async fn an_ack_stream_that_floods_without_reading_leaves_memory_bounded() {
         }
     }
     assert_eq!(acked, FRAMES, "one answer per batch");
+
+    // Anything but acks on an ack stream: INVALID_ARGUMENT there, the connection goes on.
+    let (mut send, recv) = flooder.open_bi().await.unwrap();
+    let one = encode_frame(&QuicRequest {
+        request: Some(quic_request::Request::Acks(AckBatch::default())),
+    });
+    send.write_all(&one).await.unwrap();
+    send.write_all(&list_request()).await.unwrap();
+    let mut frames = FrameReader::new(recv, MAX_FRAME_BYTES);
+    let mut answers = Vec::new();
+    while let Some(answer) =
+        tokio::time::timeout(Duration::from_secs(10), frames.next::<QuicResponse>())
+            .await
+            .expect("answers within 10 s")
+            .unwrap()
+    {
+        answers.push(answer.response);
+    }
+    match &answers[..] {
+        [
+            Some(quic_response::Response::Acked(_)),
+            Some(quic_response::Response::Error(status)),
+        ] => {
+            assert_eq!(status.code, 3, "{status:?}");
+            assert!(status.message.contains("only acks"), "{status:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        quic_exchange(&flooder, &list_request()).await,
+        quic_response::Response::Workers(_)
+    ));
 }
