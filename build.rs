@@ -86,6 +86,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "ListWorkersResponse",
             false,
         ))
+        .method(
+            Method::builder()
+                .name("stream_acks")
+                .route_name("StreamAcks")
+                .input_type("crate::pb::AckBatch")
+                .output_type("crate::pb::AckResponse")
+                .codec_path("tonic_prost::ProstCodec")
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
         .build();
     Builder::new()
         .build_client(false)

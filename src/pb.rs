@@ -19,6 +19,10 @@ pub mod server {
     include!(concat!(env!("OUT_DIR"), "/controlplane.v1.ControlPlane.rs"));
 }
 
+/// Most acks one `AckBatch` may carry (the core refuses larger batches with
+/// RESOURCE_EXHAUSTED; the client library never sends one).
+pub const MAX_ACKS_PER_BATCH: usize = 1024;
+
 /// The file descriptor set of the contract, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_plane_descriptor.bin"));

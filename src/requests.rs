@@ -21,8 +21,9 @@ use crate::{
         WorkerName,
     },
     pb::{
-        AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
-        ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse,
+        AckBatch, AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
+        ListWorkersRequest, ListWorkersResponse, MAX_ACKS_PER_BATCH, RegisterRequest,
+        RegisterResponse,
         SubscribeRequest, WorkerChunk,
     },
     tls::LiveConnections,
@@ -207,6 +208,28 @@ pub async fn ack(
         caller.transport,
     )
     .await?;
+    Ok(AckResponse {})
+}
+
+/// Records a batch of an ack stream: each ack exactly as [`ack`] records one, in order. The
+/// first refusal is the answer (acks before it are recorded, none after); a batch over
+/// [`MAX_ACKS_PER_BATCH`] is refused whole.
+pub async fn ack_batch(
+    core: &Core,
+    caller: Caller<'_>,
+    batch: AckBatch,
+) -> Result<AckResponse, RequestError> {
+    if batch.acks.len() > MAX_ACKS_PER_BATCH {
+        metrics::counter!("workerpush_limit_refusals_total", "limit" => "acks_per_batch")
+            .increment(1);
+        return Err(RequestError::ResourceExhausted(format!(
+            "ack batch of {} acks is over the limit of {MAX_ACKS_PER_BATCH}; send smaller batches",
+            batch.acks.len()
+        )));
+    }
+    for request in batch.acks {
+        ack(core, caller, request).await?;
+    }
     Ok(AckResponse {})
 }
 

@@ -26,7 +26,7 @@ use tokio::{
 use workerpush::{
     client::{ClientError, GrpcTransport, QuicTransport, Session, Transport, UpdateStream},
     pb::{
-        AckRequest, FetchWorkerRequest, ListWorkersRequest, QuicRequest, QuicResponse,
+        AckBatch, AckRequest, FetchWorkerRequest, ListWorkersRequest, QuicRequest, QuicResponse,
         RegisterRequest, SubscribeRequest, UpdateKind, quic_request, quic_response,
     },
     quic::{
@@ -210,6 +210,19 @@ fn raw_quic(certs: &Path) -> (quinn::Endpoint, quinn::ClientConfig) {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     (endpoint, quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// A raw QUIC connection to `addr` from `endpoint`.
+async fn raw_quic_connect(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    addr: SocketAddr,
+) -> quinn::Connection {
+    endpoint
+        .connect_with(config.clone(), addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
 }
 
 /// Sends `bytes` on a new stream of `connection`, finishes it, and reads the first answer.
@@ -1092,13 +1105,7 @@ async fn connections_past_the_identity_limit_are_refused_on_both_transports() {
 
     // QUIC: the third connection is closed with CLOSE_RESOURCE_EXHAUSTED and a reason.
     let (endpoint, config) = raw_quic(&certs);
-    let connect = || async {
-        endpoint
-            .connect_with(config.clone(), quic_addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap()
-    };
+    let connect = || raw_quic_connect(&endpoint, &config, quic_addr);
     let a = connect().await;
     let b = connect().await;
     for connection in [&a, &b] {
@@ -1851,4 +1858,110 @@ async fn a_long_version_is_refused_naming_the_version_rule_before_any_size_check
         error.contains("version must match") && error.contains("at most 64 characters"),
         "{error}"
     );
+}
+
+/// An ack stream written as fast as QUIC takes it, its answers never read: the core reads one
+/// frame at a time, so its memory stays flat while ~100 MB of acks go through, a correct
+/// client is served meanwhile, and every batch is answered, in order, once the flooder reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_stream_that_floods_without_reading_leaves_memory_bounded() {
+    const FRAMES: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (secret, _) = server.secrets();
+    hook_put(server.addr("http"), &secret, "app", "1", b"code").await;
+    let (certs, quic_addr) = (server.certs(), server.addr("quic"));
+    let (endpoint, config) = raw_quic(&certs);
+    let connect = || raw_quic_connect(&endpoint, &config, quic_addr);
+    let (flooder, bystander) = (connect().await, connect().await);
+    // 800 acks padded with a 1 KiB reason each (ignored: applied): about 830 KB, a frame under
+    // the request limit.
+    let nack = AckRequest {
+        worker_name: "app".into(),
+        revision: 1,
+        applied: true,
+        error: "x".repeat(1024),
+        ..AckRequest::default()
+    };
+    let frame = encode_frame(&QuicRequest {
+        request: Some(quic_request::Request::Acks(AckBatch {
+            acks: vec![nack; 800],
+        })),
+    });
+    assert!(frame.len() > 800 << 10, "{}", frame.len());
+    let baseline = rss_mib(&server);
+    let (mut send, recv) = flooder.open_bi().await.unwrap();
+    let writer = tokio::spawn(async move {
+        for _ in 0..FRAMES {
+            send.write_all(&frame).await.unwrap();
+        }
+        send.finish().unwrap();
+    });
+    let mut peak = baseline;
+    while !writer.is_finished() {
+        peak = peak.max(rss_mib(&server));
+        assert!(
+            matches!(
+                quic_exchange(&bystander, &list_request()).await,
+                quic_response::Response::Workers(_)
+            ),
+            "a correct client is served during the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.await.unwrap();
+    eprintln!(
+        "ack flood: core RSS {baseline} MiB before, {peak} MiB at most during {FRAMES} frames"
+    );
+    assert!(
+        peak < baseline + 48,
+        "~{} MB of acks raised the core from {baseline} to {peak} MiB",
+        FRAMES * 830 / 1000
+    );
+    let mut frames = FrameReader::new(recv, MAX_FRAME_BYTES);
+    let mut acked = 0;
+    while let Some(answer) =
+        tokio::time::timeout(Duration::from_secs(30), frames.next::<QuicResponse>())
+            .await
+            .expect("answers within 30 s")
+            .unwrap()
+    {
+        match answer.response {
+            Some(quic_response::Response::Acked(_)) => acked += 1,
+            other => panic!("after {acked} answers: {other:?}"),
+        }
+    }
+    assert_eq!(acked, FRAMES, "one answer per batch");
+
+    // Anything but acks on an ack stream: INVALID_ARGUMENT there, the connection goes on.
+    let (mut send, recv) = flooder.open_bi().await.unwrap();
+    let one = encode_frame(&QuicRequest {
+        request: Some(quic_request::Request::Acks(AckBatch::default())),
+    });
+    send.write_all(&one).await.unwrap();
+    send.write_all(&list_request()).await.unwrap();
+    let mut frames = FrameReader::new(recv, MAX_FRAME_BYTES);
+    let mut answers = Vec::new();
+    while let Some(answer) =
+        tokio::time::timeout(Duration::from_secs(10), frames.next::<QuicResponse>())
+            .await
+            .expect("answers within 10 s")
+            .unwrap()
+    {
+        answers.push(answer.response);
+    }
+    match &answers[..] {
+        [
+            Some(quic_response::Response::Acked(_)),
+            Some(quic_response::Response::Error(status)),
+        ] => {
+            assert_eq!(status.code, 3, "{status:?}");
+            assert!(status.message.contains("only acks"), "{status:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        quic_exchange(&flooder, &list_request()).await,
+        quic_response::Response::Workers(_)
+    ));
 }

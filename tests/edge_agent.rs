@@ -348,6 +348,7 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send>>;
 impl ControlPlane for HostileCore {
     type SubscribeWorkerUpdatesStream = Boxed<EncodedUpdate>;
     type FetchWorkerStream = Boxed<WorkerChunk>;
+    type StreamAcksStream = Boxed<AckResponse>;
 
     async fn subscribe_worker_updates(
         &self,
@@ -386,6 +387,18 @@ impl ControlPlane for HostileCore {
     ) -> Result<tonic::Response<AckResponse>, tonic::Status> {
         self.acks.lock().unwrap().push(request.into_inner());
         Ok(tonic::Response::new(AckResponse::default()))
+    }
+
+    async fn stream_acks(
+        &self,
+        request: tonic::Request<tonic::Streaming<workerpush::pb::AckBatch>>,
+    ) -> Result<tonic::Response<Self::StreamAcksStream>, tonic::Status> {
+        let acks = self.acks.clone();
+        let answers = request.into_inner().map(move |batch| {
+            acks.lock().unwrap().extend(batch?.acks);
+            Ok(AckResponse::default())
+        });
+        Ok(tonic::Response::new(Box::pin(answers)))
     }
 
     async fn fetch_worker(

@@ -12,14 +12,6 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-fn ids(list: &Value) -> Vec<&str> {
-    list.as_array()
-        .unwrap_or_else(|| panic!("not a list: {list}"))
-        .iter()
-        .map(|entry| entry["consumer_id"].as_str().unwrap())
-        .collect()
-}
-
 fn keys(object: &Value) -> BTreeSet<&str> {
     object
         .as_object()

@@ -408,14 +408,15 @@ impl Subscriber {
                 .push(u32::try_from(latency / 1_000).unwrap_or(u32::MAX));
         }
         if self.config.ack {
+            // On the session's ack stream, as the client library acks: no call per ack.
             session
-                .ack(AckRequest {
+                .ack_batch(vec![AckRequest {
                     consumer_id: self.consumer_id.clone(),
                     worker_name: update.worker_name.clone(),
                     revision: update.revision,
                     applied: true,
                     error: String::new(),
-                })
+                }])
                 .await?;
         }
         if self.tally.received as usize == ledger.changes() {

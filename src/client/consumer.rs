@@ -513,30 +513,57 @@ impl PendingAcks {
     }
 }
 
-/// Sends pending acks in the background so that applying never waits on a round trip. An ack
-/// leaves the queue once the server answered it, or a newer one for its worker replaced it. An
-/// ack the server refuses (its store briefly away, say) is dropped and the next ones still go:
-/// a later ack covers it. A broken connection ends the acker and keeps the ack for the next.
+/// How long the acker waits after the first ack of a quiet spell, so that the acks ready
+/// together go out as one batch.
+const ACK_LINGER: Duration = Duration::from_millis(2);
+
+/// Sends pending acks in the background so that applying never waits on a round trip: every
+/// ack pending goes in one batch on the session's ack stream (one message, one answer), and
+/// what is acked meanwhile goes in the next. An ack leaves the queue once its batch was
+/// answered, or a newer one for its worker replaced it. A batch the server refuses (its store
+/// briefly away, a worker no longer allowed) is sent again ack by ack, so that one refused ack
+/// does not take the others with it; a refused one is dropped, a later ack covers it. A broken
+/// connection ends the acker and keeps the acks for the next.
 async fn send_acks(session: Arc<dyn Session>, pending: Arc<PendingAcks>) {
     loop {
-        let next = pending.lock().values().next().cloned();
-        let Some(ack) = next else {
+        let batch: Vec<AckRequest> = pending
+            .lock()
+            .values()
+            .take(crate::pb::MAX_ACKS_PER_BATCH)
+            .cloned()
+            .collect();
+        if batch.is_empty() {
             pending.ready.notified().await;
+            tokio::time::sleep(ACK_LINGER).await;
             continue;
-        };
-        match session.ack(ack.clone()).await {
+        }
+        match session.ack_batch(batch.clone()).await {
             Ok(()) => {}
             Err(error @ ClientError::Status { .. }) => {
-                tracing::debug!(%error, "ack refused; going on with the next");
+                tracing::debug!(%error, acks = batch.len(), "ack batch refused; sending its acks one by one");
+                for ack in &batch {
+                    match session.ack(ack.clone()).await {
+                        Ok(()) => {}
+                        Err(error @ ClientError::Status { .. }) => {
+                            tracing::debug!(%error, "ack refused; going on with the next");
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "ack not delivered; kept for the next connection");
+                            return;
+                        }
+                    }
+                }
             }
             Err(error) => {
-                tracing::debug!(%error, "ack not delivered; kept for the next connection");
+                tracing::debug!(%error, "acks not delivered; kept for the next connection");
                 return;
             }
         }
         let mut latest = pending.lock();
-        if latest.get(&ack.worker_name) == Some(&ack) {
-            latest.remove(&ack.worker_name);
+        for ack in &batch {
+            if latest.get(&ack.worker_name) == Some(ack) {
+                latest.remove(&ack.worker_name);
+            }
         }
         if latest.is_empty() {
             pending.emptied.notify_waiters();
@@ -570,10 +597,12 @@ mod tests {
         pb::{ListWorkersRequest, ListWorkersResponse, RegisterResponse},
     };
 
-    /// Records the acks it takes; refuses them all when `broken`.
+    /// Records the acks it takes, and the size of each batch; refuses them all when `broken`.
+    #[derive(Default)]
     struct Recorder {
         broken: bool,
         acked: Mutex<Vec<(String, u64)>>,
+        batches: Mutex<Vec<usize>>,
     }
 
     #[async_trait]
@@ -592,6 +621,13 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((request.worker_name, request.revision));
+            Ok(())
+        }
+        async fn ack_batch(&self, acks: Vec<AckRequest>) -> Result<(), ClientError> {
+            self.batches.lock().unwrap().push(acks.len());
+            for request in acks {
+                self.ack(request).await?;
+            }
             Ok(())
         }
         async fn register(&self, _: RegisterRequest) -> Result<RegisterResponse, ClientError> {
@@ -650,11 +686,7 @@ mod tests {
         pending.push(ack("b", 2));
         let flaky = Arc::new(Flaky::default());
         let task = tokio::spawn(send_acks(flaky.clone(), pending.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !pending.lock().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
-            tokio::task::yield_now().await;
-        }
+        drained(&pending).await;
         assert!(!task.is_finished(), "the acker goes on after a refusal");
         task.abort();
         assert_eq!(*flaky.acked.lock().unwrap(), [2]);
@@ -668,21 +700,14 @@ mod tests {
         pending.push(ack("a", 3));
         let broken = Arc::new(Recorder {
             broken: true,
-            acked: Mutex::new(Vec::new()),
+            ..Recorder::default()
         });
         send_acks(broken, pending.clone()).await;
         assert_eq!(pending.lock().len(), 2, "nothing delivered, nothing lost");
 
-        let healthy = Arc::new(Recorder {
-            broken: false,
-            acked: Mutex::new(Vec::new()),
-        });
+        let healthy = Arc::new(Recorder::default());
         let task = tokio::spawn(send_acks(healthy.clone(), pending.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !pending.lock().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
-            tokio::task::yield_now().await;
-        }
+        drained(&pending).await;
         task.abort();
         let acked = healthy.acked.lock().unwrap().clone();
         assert_eq!(
@@ -690,6 +715,33 @@ mod tests {
             [("a".to_owned(), 3), ("b".to_owned(), 2)],
             "latest per worker"
         );
+    }
+
+    async fn drained(pending: &PendingAcks) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !pending.lock().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "acks not drained");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn acks_ready_together_go_as_one_batch() {
+        let pending = Arc::new(PendingAcks::default());
+        for i in 0..100 {
+            pending.push(ack(&format!("w{i:03}"), 1));
+        }
+        let recorder = Arc::new(Recorder::default());
+        let task = tokio::spawn(send_acks(recorder.clone(), pending.clone()));
+        drained(&pending).await;
+        // Acked within the linger of one another, while the acker waits: one batch more.
+        for i in 0..3 {
+            pending.push(ack(&format!("w{i:03}"), 2));
+        }
+        drained(&pending).await;
+        task.abort();
+        assert_eq!(*recorder.batches.lock().unwrap(), [100, 3]);
+        assert_eq!(recorder.acked.lock().unwrap().len(), 103);
     }
 
     /// A server that sends `updates` on every subscription (then ends it, or keeps it open),

@@ -17,8 +17,8 @@ use super::{
     UpdateStream,
 };
 use crate::pb::{
-    AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
-    ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest,
+    AckBatch, AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
+    ListWorkersRequest, ListWorkersResponse, RegisterRequest, RegisterResponse, SubscribeRequest,
     control_plane_client::ControlPlaneClient,
 };
 
@@ -115,6 +115,7 @@ impl Transport for GrpcTransport {
             client: ControlPlaneClient::new(self.channel().await?)
                 .max_decoding_message_size(max_message),
             max_code_bytes: self.max_code_bytes,
+            acks: tokio::sync::Mutex::new(None),
         }))
     }
 }
@@ -122,6 +123,29 @@ impl Transport for GrpcTransport {
 struct GrpcSession {
     client: ControlPlaneClient<Channel>,
     max_code_bytes: u64,
+    /// The session's `StreamAcks` call, opened at the first batch and again after a refusal.
+    acks: tokio::sync::Mutex<Option<AckStream>>,
+}
+
+/// One `StreamAcks` call: batches go in through `batches`, one answer each comes back.
+struct AckStream {
+    batches: tokio::sync::mpsc::Sender<AckBatch>,
+    answers: tonic::Streaming<AckResponse>,
+}
+
+impl GrpcSession {
+    async fn open_acks(&self) -> Result<AckStream, ClientError> {
+        // One batch in flight at a time: the sender waits for its answer before the next.
+        let (batches, receiver) = tokio::sync::mpsc::channel(1);
+        let answers = self
+            .client
+            .clone()
+            .stream_acks(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok(AckStream { batches, answers })
+    }
 }
 
 #[async_trait]
@@ -159,6 +183,32 @@ impl Session for GrpcSession {
             .await
             .map_err(status)?;
         Ok(())
+    }
+
+    async fn ack_batch(&self, acks: Vec<AckRequest>) -> Result<(), ClientError> {
+        let mut held = self.acks.lock().await;
+        let stream = match held.as_mut() {
+            Some(stream) => stream,
+            None => held.insert(self.open_acks().await?),
+        };
+        let answer = match stream.batches.send(AckBatch { acks }).await {
+            Ok(()) => stream.answers.message().await.map_err(status),
+            Err(_) => Err(ClientError::Transport("ack stream closed".to_owned())),
+        };
+        match answer {
+            Ok(Some(AckResponse {})) => Ok(()),
+            Ok(None) => {
+                *held = None;
+                Err(ClientError::Transport(
+                    "ack stream ended without an answer".to_owned(),
+                ))
+            }
+            Err(error) => {
+                // A refusal ends the call: the next batch opens another.
+                *held = None;
+                Err(error)
+            }
+        }
     }
 
     async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError> {

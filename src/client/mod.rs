@@ -87,6 +87,15 @@ pub trait Session: Send + Sync {
     async fn fetch(&self, request: FetchWorkerRequest) -> Result<(String, Bytes), ClientError>;
     /// Acknowledges a revision.
     async fn ack(&self, request: AckRequest) -> Result<(), ClientError>;
+    /// Acknowledges a batch, in order; the first refusal is the answer (acks before it are
+    /// recorded). gRPC and QUIC send it as one message on an ack stream the session keeps open
+    /// (`StreamAcks`, QUIC `acks` frames); this default sends each ack on its own.
+    async fn ack_batch(&self, acks: Vec<AckRequest>) -> Result<(), ClientError> {
+        for request in acks {
+            self.ack(request).await?;
+        }
+        Ok(())
+    }
     /// Registers the consumer.
     async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError>;
     /// Deregisters the consumer: it stops counting among the workers' subscribers.

@@ -21,9 +21,10 @@ use super::{
 };
 use crate::{
     pb::{
-        AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest, ListWorkersRequest,
-        ListWorkersResponse, QuicRequest, QuicResponse, RegisterRequest, RegisterResponse, Status,
-        SubscribeRequest, WorkerUpdate, quic_request::Request, quic_response::Response,
+        AckBatch, AckRequest, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
+        ListWorkersRequest, ListWorkersResponse, QuicRequest, QuicResponse, RegisterRequest,
+        RegisterResponse, Status, SubscribeRequest, WorkerUpdate, quic_request::Request,
+        quic_response::Response,
     },
     quic::{
         codec::{MAX_FRAME_BYTES, encode_frame},
@@ -131,6 +132,7 @@ impl Transport for QuicTransport {
         Ok(Box::new(QuicSession {
             connection,
             max_code_bytes: self.max_code_bytes,
+            acks: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -147,6 +149,9 @@ impl Transport for QuicTransport {
 struct QuicSession {
     connection: Connection,
     max_code_bytes: u64,
+    /// The session's ack stream (its send side and its answers), opened by the first batch
+    /// and again after a refusal.
+    acks: tokio::sync::Mutex<Option<(quinn::SendStream, FrameReader)>>,
 }
 
 fn transport_error(error: impl std::fmt::Display) -> ClientError {
@@ -263,6 +268,37 @@ impl Session for QuicSession {
             Response::Acked(_) => Ok(()),
             other => Err(unexpected("ack", &other)),
         }
+    }
+
+    async fn ack_batch(&self, acks: Vec<AckRequest>) -> Result<(), ClientError> {
+        let frame = encode_frame(&QuicRequest {
+            request: Some(Request::Acks(AckBatch { acks })),
+        });
+        let mut held = self.acks.lock().await;
+        let answer = async {
+            let (send, frames) = match held.as_mut() {
+                Some(stream) => stream,
+                None => {
+                    let (send, recv) = self.connection.open_bi().await.map_err(transport_error)?;
+                    held.insert((send, FrameReader::new(recv, MAX_FRAME_BYTES)))
+                }
+            };
+            send.write_all(&frame).await.map_err(transport_error)?;
+            match next(frames).await? {
+                Some(Response::Acked(_)) => Ok(()),
+                Some(Response::Error(refused)) => Err(status(refused)),
+                Some(other) => Err(unexpected("acks", &other)),
+                None => Err(ClientError::Transport(
+                    "ack stream finished without an answer".to_owned(),
+                )),
+            }
+        }
+        .await;
+        if answer.is_err() {
+            // A refused or broken stream is done: the next batch opens another.
+            *held = None;
+        }
+        answer
     }
 
     async fn register(&self, request: RegisterRequest) -> Result<RegisterResponse, ClientError> {

@@ -5,14 +5,14 @@ use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::PeerInfo;
 use crate::{
     acl::AclStore,
     core::{Coded, Core, Ended, RequestError},
     pb::{
-        AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, EncodedUpdate,
+        AckBatch, AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, EncodedUpdate,
         FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, RegisterRequest,
         RegisterResponse, SubscribeRequest, WorkerChunk,
         server::control_plane_server::ControlPlane,
@@ -104,6 +104,7 @@ pub fn status(error: &impl Coded) -> Status {
 impl ControlPlane for ControlPlaneService {
     type SubscribeWorkerUpdatesStream = BoxStream<EncodedUpdate>;
     type FetchWorkerStream = BoxStream<WorkerChunk>;
+    type StreamAcksStream = BoxStream<AckResponse>;
 
     async fn subscribe_worker_updates(
         &self,
@@ -176,6 +177,50 @@ impl ControlPlane for ControlPlaneService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(response))
+    }
+
+    /// Each batch is read only after the answer to the one before was taken by HTTP/2, so a
+    /// client that floods batches without reading the answers is held by flow control: the
+    /// core holds one batch per stream at most. Ends with UNAVAILABLE on shutdown.
+    async fn stream_acks(
+        &self,
+        request: Request<Streaming<AckBatch>>,
+    ) -> Result<Response<Self::StreamAcksStream>, Status> {
+        let peer = peer(&request)?;
+        let batches = request.into_inner();
+        let core = self.core.clone();
+        let acl = self.acl.clone();
+        let shutdown = self.core.shutdown_token();
+        let stream = futures_util::stream::unfold(Some(batches), move |batches| {
+            let (core, acl, shutdown, peer) =
+                (core.clone(), acl.clone(), shutdown.clone(), peer.clone());
+            async move {
+                let mut batches = batches?;
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        return Some((Err(Status::unavailable("server shutting down; send the acks again elsewhere")), None));
+                    }
+                    next = batches.message() => next,
+                };
+                let batch = match next {
+                    Ok(Some(batch)) => batch,
+                    Ok(None) => return None,
+                    Err(error) => return Some((Err(error), None)),
+                };
+                let caller = Caller {
+                    identity: &peer.identity,
+                    remote: peer.remote,
+                    transport: "grpc",
+                    acl: &acl,
+                };
+                match requests::ack_batch(&core, caller, batch).await {
+                    Ok(answer) => Some((Ok(answer), Some(batches))),
+                    Err(error) => Some((Err(status(&error)), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn fetch_worker(

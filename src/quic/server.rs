@@ -512,7 +512,13 @@ async fn answer(
     shared: Arc<Shared>,
 ) {
     let outcome = match read_request(recv, shared.limits.request_timeout).await {
-        Ok(request) => dispatch(&mut send, request, &peer, &subscriptions, &shared).await,
+        Ok((
+            QuicRequest {
+                request: Some(Request::Acks(batch)),
+            },
+            frames,
+        )) => acks(&mut send, frames, batch, &peer, &shared).await,
+        Ok((request, _)) => dispatch(&mut send, request, &peer, &subscriptions, &shared).await,
         Err(end) => Err(end),
     };
     match outcome {
@@ -544,10 +550,13 @@ async fn answer(
 /// what one connection's 128 streams can make the server hold small.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
-async fn read_request(recv: RecvStream, within: Duration) -> Result<QuicRequest, StreamEnd> {
+async fn read_request(
+    recv: RecvStream,
+    within: Duration,
+) -> Result<(QuicRequest, FrameReader), StreamEnd> {
     let mut frames = FrameReader::new(recv, MAX_REQUEST_BYTES.min(MAX_FRAME_BYTES));
     match tokio::time::timeout(within, frames.next::<QuicRequest>()).await {
-        Ok(Ok(Some(request))) => Ok(request),
+        Ok(Ok(Some(request))) => Ok((request, frames)),
         Ok(Ok(None)) => Err(StreamEnd::invalid("stream finished without a request")),
         Ok(Err(ReadFrameError::Read(error))) => Err(StreamEnd::Gone(error.to_string())),
         Ok(Err(error)) => Err(StreamEnd::invalid(format!("bad request frame: {error}"))),
@@ -568,7 +577,7 @@ async fn dispatch(
     let response = match request.request {
         None => {
             return Err(StreamEnd::invalid(
-                "empty request: set one of subscribe, register, deregister, ack, fetch, list",
+                "empty request: set one of subscribe, register, deregister, ack, fetch, list, acks",
             ));
         }
         Some(Request::Subscribe(request)) => {
@@ -612,6 +621,11 @@ async fn dispatch(
         Some(Request::List(request)) => {
             let caller = peer.caller(&shared.access.acl);
             Response::Workers(requests::list(core, caller, &request)?)
+        }
+        // Taken by `answer` before dispatching; a batch alone is a stream of one batch.
+        Some(Request::Acks(batch)) => {
+            let caller = peer.caller(&shared.access.acl);
+            Response::Acked(requests::ack_batch(core, caller, batch).await?)
         }
     };
     let frame = codec::encode_frame(&QuicResponse {
@@ -673,6 +687,48 @@ async fn updates(
         send.write_all_chunks(&mut batch).await?;
         batch.clear();
         delivered.increment(count);
+    }
+}
+
+/// An ack stream: `first` and every further `acks` frame is a batch, recorded through the same
+/// code as a unary ack and answered by one `acked` frame, until the client finishes the
+/// stream. The next frame is read only once the answer to the last is written, so a client
+/// that floods is held by QUIC flow control: the server holds one frame per stream at most.
+async fn acks(
+    send: &mut SendStream,
+    mut frames: FrameReader,
+    first: crate::pb::AckBatch,
+    peer: &Peer,
+    shared: &Shared,
+) -> Result<(), StreamEnd> {
+    let acked = codec::encode_frame(&QuicResponse {
+        response: Some(Response::Acked(crate::pb::AckResponse {})),
+    });
+    let mut batch = first;
+    loop {
+        requests::ack_batch(&shared.core, peer.caller(&shared.access.acl), batch).await?;
+        send.write_all(&acked).await?;
+        let next = tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => {
+                return Err(StreamEnd::Refused {
+                    code: ErrorCode::Unavailable,
+                    message: "server shutting down; send the acks again elsewhere".to_owned(),
+                });
+            }
+            next = frames.next::<QuicRequest>() => next,
+        };
+        batch = match next {
+            Ok(Some(QuicRequest {
+                request: Some(Request::Acks(batch)),
+            })) => batch,
+            Ok(Some(_)) => {
+                return Err(StreamEnd::invalid("an ack stream carries only acks frames"));
+            }
+            Ok(None) => return Ok(()),
+            Err(ReadFrameError::Read(error)) => return Err(StreamEnd::Gone(error.to_string())),
+            Err(error) => return Err(StreamEnd::invalid(format!("bad acks frame: {error}"))),
+        };
     }
 }
 

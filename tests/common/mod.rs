@@ -520,6 +520,15 @@ impl HandConsumer {
     }
 }
 
+/// The consumer ids of a propagation list (`acked`, `failed`, `pending`).
+pub fn ids(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .map(|entry| entry["consumer_id"].as_str().unwrap())
+        .collect()
+}
+
 /// `GET` on the core's admin port with `token` (if any): status and JSON (`Null` if none).
 pub async fn admin_get(
     http: SocketAddr,

@@ -10,6 +10,7 @@ Usage: grpc_python_client.py path/to/workerpush
 """
 
 import hashlib
+import json
 import os
 import queue
 import subprocess
@@ -100,6 +101,24 @@ def main():
             assert put.size == len(code) and put.epoch == first[0].epoch and put.revision == 1
             listing = stub.ListWorkers(pb.ListWorkersRequest(), timeout=10)
             assert [w.worker_name for w in listing.workers] == ["py-worker"] and listing.revision == 1
+            # Acks on one StreamAcks call: one answer per batch, and they show in propagation.
+            ack = pb.AckRequest(worker_name="py-worker", revision=put.revision, applied=True)
+            batches = [pb.AckBatch(acks=[ack]), pb.AckBatch(acks=[ack, ack])]
+            answers = list(stub.StreamAcks(iter(batches), timeout=10))
+            assert len(answers) == 2, answers
+            request = urllib.request.Request(f"http://{addrs['http']}/v1/workers/py-worker",
+                                             headers={"Authorization": f"Bearer {secrets['UPLOAD_TOKEN']}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                propagation = json.load(response)["propagation"]
+            assert propagation["state"] == "complete", propagation
+            assert [a["consumer_id"] for a in propagation["acked"]] == ["consumer-1"], propagation
+            # Another identity's consumer id ends that call with PERMISSION_DENIED.
+            try:
+                list(stub.StreamAcks(iter([pb.AckBatch(acks=[pb.AckRequest(
+                    consumer_id="consumer-2", worker_name="py-worker", revision=put.revision)])]), timeout=10))
+                raise AssertionError("an ack for another identity must be refused")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
             updates.cancel()
             print("interop: 1 passed, 0 failed")
         finally:

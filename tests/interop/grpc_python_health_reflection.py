@@ -4,7 +4,7 @@
 Starts the real binary (`serve --dev`, every port 0, `--grace 10s`) in a temp dir and, over mutual
 TLS with the dev client certificate:
 - lists the services with grpcio-reflection's own client (it speaks `grpc.reflection.v1alpha`) and
-  resolves `controlplane.v1.ControlPlane`, its five methods and their message types through a
+  resolves `controlplane.v1.ControlPlane`, its seven methods and their message types through a
   descriptor pool fed by reflection alone (no local .proto);
 - lists them again over `grpc.reflection.v1` (the same messages under another package name);
 - `grpc.health.v1.Health/Check` answers SERVING for "" and for the service, NOT_FOUND for others;
@@ -33,12 +33,14 @@ from grpc_python_client import start_server
 
 SERVICE = "controlplane.v1.ControlPlane"
 METHODS = {
-    # name: (input, output, server streaming)
-    "SubscribeWorkerUpdates": ("SubscribeRequest", "WorkerUpdate", True),
-    "RegisterConsumer": ("RegisterRequest", "RegisterResponse", False),
-    "AckUpdate": ("AckRequest", "AckResponse", False),
-    "FetchWorker": ("FetchWorkerRequest", "WorkerChunk", True),
-    "ListWorkers": ("ListWorkersRequest", "ListWorkersResponse", False),
+    # name: (input, output, client streaming, server streaming)
+    "SubscribeWorkerUpdates": ("SubscribeRequest", "WorkerUpdate", False, True),
+    "RegisterConsumer": ("RegisterRequest", "RegisterResponse", False, False),
+    "DeregisterConsumer": ("DeregisterRequest", "DeregisterResponse", False, False),
+    "AckUpdate": ("AckRequest", "AckResponse", False, False),
+    "FetchWorker": ("FetchWorkerRequest", "WorkerChunk", False, True),
+    "ListWorkers": ("ListWorkersRequest", "ListWorkersResponse", False, False),
+    "StreamAcks": ("AckBatch", "AckResponse", True, True),
 }
 GRACE_SECONDS = 10
 
@@ -62,8 +64,8 @@ def check_reflection_v1alpha(channel):
     found = {}
     for method in service.methods:
         assert method.input_type.full_name.startswith("controlplane.v1."), method.input_type.full_name
-        assert not method.client_streaming, method.name
-        found[method.name] = (method.input_type.name, method.output_type.name, method.server_streaming)
+        found[method.name] = (method.input_type.name, method.output_type.name,
+                              method.client_streaming, method.server_streaming)
     assert found == METHODS, found
     return services
 
