@@ -1596,15 +1596,21 @@ async fn registrations_and_acks_with_distinct_suffixes_and_huge_labels_stay_boun
     );
     peak = peak.max(rss_mib(&server));
 
-    let huge = |i: usize| RegisterRequest {
+    let labelled = |i: usize, value_bytes: usize| RegisterRequest {
         consumer_id: format!("consumer-1/r{i}"),
         endpoint: String::new(),
         labels: (0..64)
-            .map(|k| (format!("k{k}"), "v".repeat(61_000)))
+            .map(|k| (format!("k{k}"), "v".repeat(value_bytes)))
             .collect(),
     };
     for i in 0..60 {
-        let (code, message) = status_code(session.register(huge(i)).await);
+        // 64 labels of 61 KB (3.9 MB): past the gRPC decoder's limit (the inline code limit
+        // plus 64 KiB), refused before the core sees it.
+        let (code, message) = status_code(session.register(labelled(i, 61_000)).await);
+        assert_eq!(code, 11, "{message}");
+        assert!(message.contains("too large"), "{message}");
+        // 64 labels of 16 KB (1 MB): decoded, and refused by the core's label bound.
+        let (code, message) = status_code(session.register(labelled(i, 16_000)).await);
         assert_eq!(code, 8, "{message}");
         assert!(message.contains("--max-label-bytes"), "{message}");
     }
