@@ -21,10 +21,9 @@ use crate::{
         WorkerName,
     },
     pb::{
-        AckBatch, AckRequest, AckResponse, DeregisterRequest, DeregisterResponse, FetchWorkerRequest,
-        ListWorkersRequest, ListWorkersResponse, MAX_ACKS_PER_BATCH, RegisterRequest,
-        RegisterResponse,
-        SubscribeRequest, WorkerChunk,
+        AckBatch, AckRequest, AckResponse, DeregisterRequest, DeregisterResponse,
+        FetchWorkerRequest, ListWorkersRequest, ListWorkersResponse, MAX_ACKS_PER_BATCH,
+        RegisterRequest, RegisterResponse, SubscribeRequest, WorkerChunk,
     },
     tls::LiveConnections,
 };
