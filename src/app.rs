@@ -525,34 +525,13 @@ fn spawn_reloader(
     tasks: &mut JoinSet<()>,
 ) {
     tasks.spawn(async move {
-        let mut hangups =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(hangups) => Some(hangups),
-                Err(error) => {
-                    tracing::warn!(%error, "no SIGHUP handler; reloading on file changes only");
-                    None
-                }
-            };
-        let mut ticks = (!interval.is_zero()).then(|| {
-            let mut ticks =
-                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks
-        });
+        let mut triggers = ReloadTriggers::new(interval, "certificates and ACL");
         let what = Arc::new(what);
         let mut certs = Watched::new(what.tls.files());
         let mut acl = Watched::new(what.acl.path().map(Path::to_path_buf).into_iter().collect());
         loop {
-            let forced = tokio::select! {
-                received = async { hangups.as_mut()?.recv().await }, if hangups.is_some() => {
-                    if received.is_none() {
-                        hangups = None;
-                        continue;
-                    }
-                    true
-                }
-                Some(_) = async { Some(ticks.as_mut()?.tick().await) }, if ticks.is_some() => false,
-                () = stop.cancelled() => return,
+            let Some(forced) = triggers.next(&stop).await else {
+                return;
             };
             // Reading files and re-verifying live connections blocks.
             let what = what.clone();
@@ -596,32 +575,11 @@ fn spawn_tokens_reloader(
     tasks: &mut JoinSet<()>,
 ) {
     tasks.spawn(async move {
-        let mut hangups =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(hangups) => Some(hangups),
-                Err(error) => {
-                    tracing::warn!(%error, "no SIGHUP handler; reloading deploy tokens on file changes only");
-                    None
-                }
-            };
-        let mut ticks = (!interval.is_zero()).then(|| {
-            let mut ticks =
-                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks
-        });
+        let mut triggers = ReloadTriggers::new(interval, "deploy tokens");
         let mut watched = Watched::new(tokens.path().map(Path::to_path_buf).into_iter().collect());
         loop {
-            let forced = tokio::select! {
-                received = async { hangups.as_mut()?.recv().await }, if hangups.is_some() => {
-                    if received.is_none() {
-                        hangups = None;
-                        continue;
-                    }
-                    true
-                }
-                Some(_) = async { Some(ticks.as_mut()?.tick().await) }, if ticks.is_some() => false,
-                () = stop.cancelled() => return,
+            let Some(forced) = triggers.next(&stop).await else {
+                return;
             };
             let tokens = tokens.clone();
             let checked = tokio::task::spawn_blocking(move || {
@@ -642,6 +600,49 @@ fn spawn_tokens_reloader(
             }
         }
     });
+}
+
+/// When a reloader looks at its files: on SIGHUP (forced: reload even if unchanged), and every
+/// `interval` (zero: never), for as long as `stop` is not cancelled.
+struct ReloadTriggers {
+    hangups: Option<tokio::signal::unix::Signal>,
+    ticks: Option<tokio::time::Interval>,
+}
+
+impl ReloadTriggers {
+    fn new(interval: Duration, what: &str) -> Self {
+        let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangups) => Some(hangups),
+            Err(error) => {
+                tracing::warn!(%error, "no SIGHUP handler; reloading {what} on file changes only");
+                None
+            }
+        };
+        let ticks = (!interval.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        Self { hangups, ticks }
+    }
+
+    /// The next look: `Some(true)` for a SIGHUP, `Some(false)` for a tick, `None` once `stop`
+    /// is cancelled.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<bool> {
+        loop {
+            tokio::select! {
+                received = async { self.hangups.as_mut()?.recv().await }, if self.hangups.is_some() => {
+                    match received {
+                        Some(()) => return Some(true),
+                        None => self.hangups = None,
+                    }
+                }
+                Some(_) = async { Some(self.ticks.as_mut()?.tick().await) }, if self.ticks.is_some() => return Some(false),
+                () = stop.cancelled() => return None,
+            }
+        }
+    }
 }
 
 /// Files reloaded together, and what they looked like when last loaded.
