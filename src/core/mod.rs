@@ -190,6 +190,8 @@ pub struct WorkerStatus<P> {
     pub size: u64,
     /// Unix ms when the core accepted it.
     pub updated_ms: i64,
+    /// Who deployed it: the deploy token's name (empty when the request did not say).
+    pub deployer: Arc<str>,
     /// Where it stands across the worker's subscribers.
     pub propagation: P,
 }
@@ -205,6 +207,7 @@ impl WorkerStatus<Propagation> {
             checksum: self.checksum,
             size: self.size,
             updated_ms: self.updated_ms,
+            deployer: self.deployer,
         }
     }
 }
@@ -353,6 +356,19 @@ impl Core {
         code: Bytes,
         expected: Option<Checksum>,
     ) -> Result<Published, PublishError> {
+        self.publish_as(worker, version, code, expected, "").await
+    }
+
+    /// [`Core::publish`], recording `deployer` (a deploy token's name; empty: not said) with
+    /// the change.
+    pub async fn publish_as(
+        &self,
+        worker: WorkerName,
+        version: Version,
+        code: Bytes,
+        expected: Option<Checksum>,
+        deployer: &str,
+    ) -> Result<Published, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
@@ -381,6 +397,7 @@ impl Core {
             version: version.clone(),
             checksum: checksum.clone(),
             size,
+            deployer: deployer.into(),
         };
         let before = self.epoch();
         let mut outcome = self.put_and_apply(&checksum, &code, proposal.clone()).await;
@@ -417,11 +434,21 @@ impl Core {
 
     /// Deletes `worker`: its latest version goes, and consumers remove it.
     pub async fn delete(&self, worker: WorkerName) -> Result<Published, PublishError> {
+        self.delete_as(worker, "").await
+    }
+
+    /// [`Core::delete`], recording `deployer` (empty: not said) with the change.
+    pub async fn delete_as(
+        &self,
+        worker: WorkerName,
+        deployer: &str,
+    ) -> Result<Published, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
         let proposal = Proposal::Delete {
             worker: worker.clone(),
+            deployer: deployer.into(),
         };
         let before = self.epoch();
         let mut outcome = self.store.apply(proposal.clone(), now_ms()).await;
@@ -1061,6 +1088,7 @@ fn status_of<P>(change: Change, propagation: P) -> WorkerStatus<P> {
         checksum: change.checksum,
         size: change.size,
         updated_ms: change.timestamp_ms,
+        deployer: change.deployer,
         propagation,
     }
 }
