@@ -47,7 +47,7 @@ pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, Wo
 
 use self::{
     hub::{Entry, Hub, Retention},
-    propagation::Tracker,
+    propagation::{Recorded, Tracker},
 };
 use crate::{
     pb::WorkerUpdate,
@@ -563,6 +563,7 @@ impl Core {
             remote: params.remote,
             filter: filter.clone(),
             since_ms: now_ms(),
+            live_after: self.hub.read().head(),
             delivered: AtomicU64::new(0),
         });
         self.tracker.subscribed(info.clone())?;
@@ -827,23 +828,29 @@ impl Core {
             (published, state.head())
         };
         let latency_ms = published_ms.map(|at| u64::try_from(now_ms() - at).unwrap_or(0));
-        if ack.applied
-            && let Some(ms) = latency_ms
-        {
-            metrics::histogram!("workerpush_ack_latency_seconds", "transport" => transport.to_owned())
-                .record(ms as f64 / 1000.0);
-        }
         // A revision this core has not made visible cannot have been applied: ignore it rather
         // than let it vouch for changes to come.
-        let recorded = ack.revision <= head
-            && self.tracker.record(
+        let recorded = if ack.revision <= head {
+            self.tracker.record(
                 &ack.consumer_id,
                 &ack.worker,
                 ack.revision,
                 if ack.applied { Ok(()) } else { Err(&ack.error) },
                 latency_ms,
-            );
-        if !recorded {
+            )
+        } else {
+            Recorded::No
+        };
+        // Timed only for a change the consumer received live: a snapshot or replay item was
+        // accepted before it subscribed, and its age says nothing about delivery.
+        if ack.applied
+            && recorded == Recorded::Live
+            && let Some(ms) = latency_ms
+        {
+            metrics::histogram!("workerpush_ack_latency_seconds", "transport" => transport.to_owned())
+                .record(ms as f64 / 1000.0);
+        }
+        if recorded == Recorded::No {
             tracing::debug!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, head, "ack from no current subscriber or beyond the head; not tracked");
         }
         if !ack.applied {
