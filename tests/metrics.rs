@@ -458,7 +458,7 @@ async fn after_changes_and_acks_the_page_still_reads_strictly_and_the_gauges_fol
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_latency_times_acks_of_live_changes_only_not_of_snapshot_items() {
+async fn ack_latency_times_acks_of_live_changes_only_not_of_snapshot_or_replay_items() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::serve_dev(dir.path(), &[]);
     let (secret, _) = server.secrets();
@@ -500,4 +500,31 @@ async fn ack_latency_times_acks_of_live_changes_only_not_of_snapshot_items() {
     assert_eq!(live.worker_name, "after");
     consumer.ack(&live, None).await;
     assert_eq!(acks_and_timed(&metrics_text(http).await), (2.0, 1.0));
+
+    // Away while `missed` is accepted, then back resuming: it comes in the replay, accepted
+    // before this subscription started, so its ack is not timed either.
+    drop(consumer);
+    let (status, body) = hook_put(http, &secret, "missed", "1", b"gap").await;
+    assert_eq!(status, 201, "{body}");
+    let epoch = body["epoch"].as_str().unwrap().to_owned();
+    let back = HandConsumer::subscribe(
+        &server.certs(),
+        grpc,
+        "consumer-1",
+        &[],
+        Some((&epoch, live.revision)),
+    )
+    .await;
+    assert!(
+        (back.received.iter()).all(|u| u.kind != workerpush::pb::UpdateKind::Reset as i32),
+        "a replay, not a RESET"
+    );
+    let replayed = back
+        .received
+        .iter()
+        .find(|u| u.worker_name == "missed")
+        .cloned()
+        .expect("the replay holds the missed change");
+    back.ack(&replayed, None).await;
+    assert_eq!(acks_and_timed(&metrics_text(http).await), (3.0, 1.0));
 }
