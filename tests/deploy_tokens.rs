@@ -1,7 +1,9 @@
 //! Deploy tokens against the real binary: a token limited to `shop-*` publishes `shop-cart`,
 //! gets 403 for `admin-panel`, is named as the deployer in the answer and in the core's
 //! `change accepted` event (it travels inside the signed hook body), and stops working within
-//! the reload interval once removed from the file. `UPLOAD_TOKEN` keeps every worker.
+//! the reload interval once removed from the file. `UPLOAD_TOKEN` keeps every worker. The
+//! deployer is kept with the change: `/v1/workers/{name}`, `/v1/workers` and the status page
+//! show it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -73,6 +75,59 @@ async fn a_shop_token_deploys_shop_workers_only_is_named_and_can_be_revoked() {
     let (status, body) = upload_with(upload, &upload_token, "", "admin-panel", "1.0.0", b"b").await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["deployer"], "upload-token");
+
+    // Kept with the change: the admin API and the status page name who deployed each version;
+    // a hook request that names nobody shows an empty deployer.
+    let (http, (hook_secret, _)) = (server.addr("http"), server.secrets());
+    let (status, body) = hook_put(http, &hook_secret, "plain-hook", "1", b"p").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, worker) = admin_get(http, Some(&upload_token), "/v1/workers/shop-cart").await;
+    assert_eq!(status, 200, "{worker}");
+    assert_eq!(worker["deployer"], "team-shop", "{worker}");
+    let (status, listing) = admin_get(http, Some(&upload_token), "/v1/workers").await;
+    assert_eq!(status, 200, "{listing}");
+    let deployer_of = |name: &str| {
+        listing["workers"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["name"] == name))
+            .map(|w| w["deployer"].clone())
+    };
+    assert_eq!(
+        deployer_of("shop-cart"),
+        Some("team-shop".into()),
+        "{listing}"
+    );
+    assert_eq!(
+        deployer_of("admin-panel"),
+        Some("upload-token".into()),
+        "{listing}"
+    );
+    assert_eq!(deployer_of("plain-hook"), Some("".into()), "{listing}");
+    let page = http_client()
+        .get(format!("http://{http}/"))
+        .bearer_auth(&upload_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let page = page.text().await.unwrap();
+    let row = |name: &str| {
+        let start = page
+            .find(&format!("data-worker=\"{name}\""))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{page}"));
+        let end = start + page[start..].find("</tr>").unwrap();
+        page[start..end].to_owned()
+    };
+    assert!(
+        row("shop-cart").contains("<td class=\"deployer\">team-shop</td>"),
+        "{}",
+        row("shop-cart")
+    );
+    assert!(
+        row("plain-hook").contains("<td class=\"deployer\">-</td>"),
+        "{}",
+        row("plain-hook")
+    );
 
     // The core heard it from the signed hook body.
     eventually(

@@ -456,3 +456,75 @@ async fn after_changes_and_acks_the_page_still_reads_strictly_and_the_gauges_fol
     }
     assert!(caught_up, "the ack was counted within 4 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_latency_times_acks_of_live_changes_only_not_of_snapshot_or_replay_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::serve_dev(dir.path(), &[]);
+    let (secret, _) = server.secrets();
+    let (grpc, http) = (server.addr("grpc"), server.addr("http"));
+    let (status, body) = hook_put(http, &secret, "before", "1", b"old").await;
+    assert_eq!(status, 201, "{body}");
+
+    // Subscribed after it: `before` comes in the snapshot (RESET, PUT, SYNCED).
+    let mut consumer =
+        HandConsumer::subscribe(&server.certs(), grpc, "consumer-1", &[], None).await;
+    let snapshot_item = consumer
+        .received
+        .iter()
+        .find(|u| u.worker_name == "before")
+        .cloned()
+        .expect("the snapshot holds the earlier worker");
+    let acks_and_timed = |page: &str| {
+        let families = parse_strict(page).unwrap_or_else(|e| panic!("{e}\n{page}"));
+        (
+            value(
+                &families,
+                "workerpush_acks_total",
+                &[("outcome", "applied")],
+            ),
+            value(
+                &families,
+                "workerpush_ack_latency_seconds_count",
+                &[("transport", "grpc")],
+            ),
+        )
+    };
+    consumer.ack(&snapshot_item, None).await;
+    // The ack RPC answers after the core counted it: counted, not timed.
+    assert_eq!(acks_and_timed(&metrics_text(http).await), (1.0, 0.0));
+
+    let (status, body) = hook_put(http, &secret, "after", "1", b"new").await;
+    assert_eq!(status, 201, "{body}");
+    let live = consumer.next_change().await;
+    assert_eq!(live.worker_name, "after");
+    consumer.ack(&live, None).await;
+    assert_eq!(acks_and_timed(&metrics_text(http).await), (2.0, 1.0));
+
+    // Away while `missed` is accepted, then back resuming: it comes in the replay, accepted
+    // before this subscription started, so its ack is not timed either.
+    drop(consumer);
+    let (status, body) = hook_put(http, &secret, "missed", "1", b"gap").await;
+    assert_eq!(status, 201, "{body}");
+    let epoch = body["epoch"].as_str().unwrap().to_owned();
+    let back = HandConsumer::subscribe(
+        &server.certs(),
+        grpc,
+        "consumer-1",
+        &[],
+        Some((&epoch, live.revision)),
+    )
+    .await;
+    assert!(
+        (back.received.iter()).all(|u| u.kind != workerpush::pb::UpdateKind::Reset as i32),
+        "a replay, not a RESET"
+    );
+    let replayed = back
+        .received
+        .iter()
+        .find(|u| u.worker_name == "missed")
+        .cloned()
+        .expect("the replay holds the missed change");
+    back.ack(&replayed, None).await;
+    assert_eq!(acks_and_timed(&metrics_text(http).await), (3.0, 1.0));
+}

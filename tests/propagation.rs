@@ -189,8 +189,13 @@ async fn admin_endpoints_need_the_token_and_answer_the_documented_json() {
             "checksum",
             "size",
             "updated_ms",
+            "deployer",
             "propagation"
         ])
+    );
+    assert_eq!(
+        listed["deployer"], "",
+        "a direct hook request names no deployer"
     );
     assert_eq!(
         (listed["name"].as_str(), listed["version"].as_str()),

@@ -47,7 +47,7 @@ pub use types::{Checksum, ConsumerId, Epoch, Revision, Version, WorkerFilter, Wo
 
 use self::{
     hub::{Entry, Hub, Retention},
-    propagation::Tracker,
+    propagation::{Recorded, Tracker},
 };
 use crate::{
     pb::WorkerUpdate,
@@ -190,6 +190,8 @@ pub struct WorkerStatus<P> {
     pub size: u64,
     /// Unix ms when the core accepted it.
     pub updated_ms: i64,
+    /// Who deployed it: the deploy token's name (empty when the request did not say).
+    pub deployer: Arc<str>,
     /// Where it stands across the worker's subscribers.
     pub propagation: P,
 }
@@ -205,6 +207,7 @@ impl WorkerStatus<Propagation> {
             checksum: self.checksum,
             size: self.size,
             updated_ms: self.updated_ms,
+            deployer: self.deployer,
         }
     }
 }
@@ -353,6 +356,19 @@ impl Core {
         code: Bytes,
         expected: Option<Checksum>,
     ) -> Result<Published, PublishError> {
+        self.publish_as(worker, version, code, expected, "").await
+    }
+
+    /// [`Core::publish`], recording `deployer` (a deploy token's name; empty: not said) with
+    /// the change.
+    pub async fn publish_as(
+        &self,
+        worker: WorkerName,
+        version: Version,
+        code: Bytes,
+        expected: Option<Checksum>,
+        deployer: &str,
+    ) -> Result<Published, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
@@ -381,6 +397,7 @@ impl Core {
             version: version.clone(),
             checksum: checksum.clone(),
             size,
+            deployer: deployer.into(),
         };
         let before = self.epoch();
         let mut outcome = self.put_and_apply(&checksum, &code, proposal.clone()).await;
@@ -417,11 +434,21 @@ impl Core {
 
     /// Deletes `worker`: its latest version goes, and consumers remove it.
     pub async fn delete(&self, worker: WorkerName) -> Result<Published, PublishError> {
+        self.delete_as(worker, "").await
+    }
+
+    /// [`Core::delete`], recording `deployer` (empty: not said) with the change.
+    pub async fn delete_as(
+        &self,
+        worker: WorkerName,
+        deployer: &str,
+    ) -> Result<Published, PublishError> {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
         let proposal = Proposal::Delete {
             worker: worker.clone(),
+            deployer: deployer.into(),
         };
         let before = self.epoch();
         let mut outcome = self.store.apply(proposal.clone(), now_ms()).await;
@@ -536,6 +563,7 @@ impl Core {
             remote: params.remote,
             filter: filter.clone(),
             since_ms: now_ms(),
+            live_after: self.hub.read().head(),
             delivered: AtomicU64::new(0),
         });
         self.tracker.subscribed(info.clone())?;
@@ -800,23 +828,29 @@ impl Core {
             (published, state.head())
         };
         let latency_ms = published_ms.map(|at| u64::try_from(now_ms() - at).unwrap_or(0));
-        if ack.applied
-            && let Some(ms) = latency_ms
-        {
-            metrics::histogram!("workerpush_ack_latency_seconds", "transport" => transport.to_owned())
-                .record(ms as f64 / 1000.0);
-        }
         // A revision this core has not made visible cannot have been applied: ignore it rather
         // than let it vouch for changes to come.
-        let recorded = ack.revision <= head
-            && self.tracker.record(
+        let recorded = if ack.revision <= head {
+            self.tracker.record(
                 &ack.consumer_id,
                 &ack.worker,
                 ack.revision,
                 if ack.applied { Ok(()) } else { Err(&ack.error) },
                 latency_ms,
-            );
-        if !recorded {
+            )
+        } else {
+            Recorded::No
+        };
+        // Timed only for a change the consumer received live: a snapshot or replay item was
+        // accepted before it subscribed, and its age says nothing about delivery.
+        if ack.applied
+            && recorded == Recorded::Live
+            && let Some(ms) = latency_ms
+        {
+            metrics::histogram!("workerpush_ack_latency_seconds", "transport" => transport.to_owned())
+                .record(ms as f64 / 1000.0);
+        }
+        if recorded == Recorded::No {
             tracing::debug!(consumer = %ack.consumer_id, worker = %ack.worker, revision = ack.revision, head, "ack from no current subscriber or beyond the head; not tracked");
         }
         if !ack.applied {
@@ -1061,6 +1095,7 @@ fn status_of<P>(change: Change, propagation: P) -> WorkerStatus<P> {
         checksum: change.checksum,
         size: change.size,
         updated_ms: change.timestamp_ms,
+        deployer: change.deployer,
         propagation,
     }
 }

@@ -340,6 +340,18 @@ struct AckState {
     failed: Option<(Revision, String)>,
 }
 
+/// What [`Tracker::record`] did with an acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// Not recorded: the consumer is neither live nor remembered.
+    No,
+    /// Recorded; the revision was accepted before the consumer's latest subscription started
+    /// (it came in a snapshot or a replay).
+    Before,
+    /// Recorded; the revision was accepted after that subscription started: received live.
+    Live,
+}
+
 /// A consumer with no live subscription, remembered for a while.
 struct Departed {
     info: Arc<SubscriberInfo>,
@@ -391,6 +403,9 @@ struct TrackerState {
     /// Entries whose consumer has come back (or left again since) are skipped when reached.
     departures: VecDeque<(Instant, ConsumerId)>,
     acks: HashMap<ConsumerId, HashMap<WorkerName, AckState>>,
+    /// Per consumer, the `live_after` of its latest subscription: an ack of a later revision
+    /// is of a change it received live. One lookup per ack, no scan of the subscribers.
+    live_after: HashMap<ConsumerId, Revision>,
     /// Consumers that registered and have not deregistered: they never age out.
     registered: HashSet<ConsumerId>,
     /// Kept only when the core shares its view with other cores (see [`Tracker::track_dirty`]).
@@ -448,6 +463,7 @@ impl TrackerState {
             return false;
         }
         self.acks.remove(consumer);
+        self.live_after.remove(consumer);
         let identity = consumer.identity();
         if let Some(count) = self.ids.get_mut(identity) {
             *count -= 1;
@@ -707,6 +723,7 @@ impl Tracker {
             state.dirty_all();
             state.undepart(&info.consumer_id);
             *state.connected.entry(info.consumer_id.clone()).or_default() += 1;
+            (state.live_after).insert(info.consumer_id.clone(), info.live_after);
             state.live.insert(info.id, info);
         }
         self.bump();
@@ -766,8 +783,9 @@ impl Tracker {
         }
     }
 
-    /// Records an acknowledgement from a known consumer (live or recently departed); returns
-    /// whether it was recorded. `latency_ms` is the time since the core accepted `revision`.
+    /// Records an acknowledgement from a known consumer (live or recently departed); answers
+    /// whether it was recorded, and whether `revision` reached the consumer live (see
+    /// [`Recorded`]). `latency_ms` is the time since the core accepted `revision`.
     pub(super) fn record(
         &self,
         consumer: &ConsumerId,
@@ -775,12 +793,16 @@ impl Tracker {
         revision: Revision,
         outcome: Result<(), &str>,
         latency_ms: Option<u64>,
-    ) -> bool {
-        {
+    ) -> Recorded {
+        let live = {
             let mut state = lock(&self.state);
             if !state.knows(consumer) {
-                return false;
+                return Recorded::No;
             }
+            let live = state
+                .live_after
+                .get(consumer)
+                .is_some_and(|after| revision > *after);
             let entry = state
                 .acks
                 .entry(consumer.clone())
@@ -805,9 +827,14 @@ impl Tracker {
                 }
             }
             state.dirty_worker(worker);
-        }
+            live
+        };
         self.bump();
-        true
+        if live {
+            Recorded::Live
+        } else {
+            Recorded::Before
+        }
     }
 
     /// Whether `consumer` is live or remembered as departed.
@@ -1061,6 +1088,7 @@ mod tests {
             remote: None,
             filter: WorkerFilter::parse(&[] as &[&str]).unwrap(),
             since_ms: 0,
+            live_after: 0,
             delivered: AtomicU64::new(0),
         })
     }
@@ -1071,7 +1099,7 @@ mod tests {
 
     fn ack(tracker: &Tracker, consumer: &ConsumerId) -> bool {
         let worker = WorkerName::parse("app").unwrap();
-        tracker.record(consumer, &worker, 1, Ok(()), None)
+        tracker.record(consumer, &worker, 1, Ok(()), None) != Recorded::No
     }
 
     #[test]
@@ -1210,7 +1238,10 @@ mod tests {
         one.subscribed(b).unwrap();
         one.unsubscribed(1);
         other.subscribed(info(7, "edge/a")).unwrap();
-        assert!(other.record(&moved, &worker, 1, Ok(()), Some(3)));
+        assert_ne!(
+            other.record(&moved, &worker, 1, Ok(()), Some(3)),
+            Recorded::No
+        );
         let mut fleet = one.propagation(&worker, 1);
         fleet.merge(other.propagation(&worker, 1));
         assert_eq!(fleet.subscribers, 2);
@@ -1223,7 +1254,7 @@ mod tests {
         assert_eq!(fleet.state, PropagationState::Pending);
 
         // A core counted but not listed keeps the state pending while it has pending ones.
-        assert!(one.record(&stays, &worker, 1, Ok(()), None));
+        assert_ne!(one.record(&stays, &worker, 1, Ok(()), None), Recorded::No);
         let mut fleet = one.propagation(&worker, 1);
         fleet.merge(other.propagation(&worker, 1));
         assert_eq!(fleet.state, PropagationState::Complete);

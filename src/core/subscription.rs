@@ -106,6 +106,9 @@ pub struct SubscriberInfo {
     pub filter: WorkerFilter,
     /// Unix ms when it started.
     pub since_ms: i64,
+    /// This core's head when it started: changes after it reach the consumer live, the rest
+    /// (a snapshot, a replay) were accepted before it subscribed.
+    pub live_after: Revision,
     /// The highest revision handed to the transport.
     pub delivered: AtomicU64,
 }

@@ -56,6 +56,9 @@ pub struct Metadata {
     pub deployer: Option<String>,
 }
 
+/// The longest `deployer` a hook request may name.
+pub const MAX_DEPLOYER_BYTES: usize = 128;
+
 /// What a hook request asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -312,6 +315,15 @@ async fn accept(
     let metadata: Metadata = serde_json::from_slice(&form.metadata)
         .map_err(|e| Refusal::Form(format!("invalid metadata JSON: {e}")))?;
     *asked = Some(metadata.clone());
+    if metadata
+        .deployer
+        .as_deref()
+        .is_some_and(|d| d.len() > MAX_DEPLOYER_BYTES || d.chars().any(char::is_control))
+    {
+        return Err(Refusal::Form(format!(
+            "metadata deployer must be at most {MAX_DEPLOYER_BYTES} bytes without control characters"
+        )));
+    }
     let worker = WorkerName::parse(&metadata.worker_name)?;
     let action = metadata.action;
     let (status, published) = match action {
@@ -319,7 +331,11 @@ async fn accept(
             if form.worker_code.is_some() {
                 return Err(Refusal::Form("a delete takes no worker_code".to_owned()));
             }
-            (StatusCode::OK, state.core.delete(worker).await?)
+            let deployer = metadata.deployer.as_deref().unwrap_or_default();
+            (
+                StatusCode::OK,
+                state.core.delete_as(worker, deployer).await?,
+            )
         }
         Action::Put => {
             let version = metadata
@@ -334,7 +350,10 @@ async fn accept(
             let code = form
                 .worker_code
                 .ok_or_else(|| Refusal::Form("missing form field worker_code".to_owned()))?;
-            let published = state.core.publish(worker, version, code, checksum).await?;
+            let deployer = metadata.deployer.as_deref().unwrap_or_default();
+            let published = (state.core)
+                .publish_as(worker, version, code, checksum, deployer)
+                .await?;
             let status = if published.created {
                 StatusCode::CREATED
             } else {

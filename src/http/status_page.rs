@@ -135,11 +135,12 @@ pub fn fragment(snapshot: &Snapshot) -> String {
 fn workers(html: &mut String, workers: &[WorkerStatus<Propagation>]) {
     html.push_str(
         "<h2>Workers</h2><table id=\"workers\"><thead><tr><th>worker</th><th>version</th>\
-         <th>revision</th><th>checksum</th><th>updated (UTC)</th><th>propagation</th></tr>\
+         <th>revision</th><th>checksum</th><th>updated (UTC)</th><th>deployer</th>\
+         <th>propagation</th></tr>\
          </thead><tbody>",
     );
     if workers.is_empty() {
-        html.push_str("<tr><td colspan=\"6\" class=\"empty\">No workers yet.</td></tr>");
+        html.push_str("<tr><td colspan=\"7\" class=\"empty\">No workers yet.</td></tr>");
     }
     for worker in workers {
         let p = &worker.propagation;
@@ -153,7 +154,8 @@ fn workers(html: &mut String, workers: &[WorkerStatus<Propagation>]) {
             html,
             "<tr data-worker=\"{name}\" data-revision=\"{}\" class=\"state-{state}\">\
              <td>{name}</td><td class=\"version\">{}</td><td class=\"num\">{}</td>\
-             <td><code>{}</code></td><td class=\"num\">{}</td><td class=\"propagation\">\
+             <td><code>{}</code></td><td class=\"num\">{}</td><td class=\"deployer\">{}</td>\
+             <td class=\"propagation\">\
              <progress value=\"{}\" max=\"{}\"></progress><span class=\"count\">{}/{}</span>\
              <span class=\"state\">{state}</span>",
             p.revision,
@@ -161,6 +163,11 @@ fn workers(html: &mut String, workers: &[WorkerStatus<Propagation>]) {
             worker.revision,
             escape(worker.checksum.as_str().get(..12).unwrap_or_default()),
             utc(worker.updated_ms),
+            if worker.deployer.is_empty() {
+                "-".to_owned()
+            } else {
+                escape(&worker.deployer)
+            },
             p.acked.len(),
             p.subscribers.max(1),
             p.acked.len(),

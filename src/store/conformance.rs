@@ -30,6 +30,40 @@ where
     tells_its_head(&make().await).await;
     claims_each_request_once(&make().await).await;
     removes_a_consumer_record(&make().await).await;
+    records_the_deployer(&make().await).await;
+}
+
+async fn records_the_deployer(store: &impl Store) {
+    store.load().await.unwrap_or_else(|e| panic!("{e}"));
+    let first = match apply(store, put_by("a", "1", b"a1", "team-shop")).await {
+        Outcome::Committed(change) => change,
+        other => panic!("expected a commit, got {other:?}"),
+    };
+    assert_eq!(
+        &*first.deployer, "team-shop",
+        "the committed change says who"
+    );
+    match apply(store, put_by("a", "1", b"a1", "someone-else")).await {
+        Outcome::Unchanged(change) => assert_eq!(
+            &*change.deployer, "team-shop",
+            "a no-op republish keeps the deployer of the change that made it latest"
+        ),
+        other => panic!("same version and code must be a no-op, got {other:?}"),
+    }
+    committed(store, put("b", "1", b"b1")).await;
+    committed(store, delete_by("b", "ops")).await;
+    let state = store.load().await.unwrap_or_else(|e| panic!("{e}"));
+    let deployers: Vec<_> = state.tail.iter().map(|c| &*c.deployer).collect();
+    assert_eq!(
+        deployers,
+        ["team-shop", "", "ops"],
+        "the log keeps each deployer"
+    );
+    assert_eq!(state.latest.len(), 1);
+    assert_eq!(
+        &*state.latest[0].deployer, "team-shop",
+        "so does the latest"
+    );
 }
 
 async fn tells_its_head(store: &impl Store) {
@@ -94,12 +128,38 @@ pub fn put(worker: &str, ver: &str, code: &[u8]) -> Proposal {
         version: version(ver),
         checksum: Checksum::of(code),
         size: code.len() as u64,
+        deployer: "".into(),
+    }
+}
+
+/// A put proposal for `code` asked for by `deployer`.
+fn put_by(worker: &str, ver: &str, code: &[u8], deployer: &str) -> Proposal {
+    match put(worker, ver, code) {
+        Proposal::Put {
+            worker,
+            version,
+            checksum,
+            size,
+            ..
+        } => Proposal::Put {
+            worker,
+            version,
+            checksum,
+            size,
+            deployer: deployer.into(),
+        },
+        delete => delete,
     }
 }
 
 fn delete(worker: &str) -> Proposal {
+    delete_by(worker, "")
+}
+
+fn delete_by(worker: &str, deployer: &str) -> Proposal {
     Proposal::Delete {
         worker: name(worker),
+        deployer: deployer.into(),
     }
 }
 
@@ -396,14 +456,20 @@ pub async fn survives_reopen<S: Store>(first: S, reopen: impl FnOnce(S) -> S) {
         .put_bundle(&checksum, code.clone())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    committed(&first, put("a", "1", &code)).await;
+    committed(&first, put_by("a", "1", &code, "team-shop")).await;
     committed(&first, put("b", "1", b"b")).await;
-    committed(&first, delete("b")).await;
+    committed(&first, delete_by("b", "ops")).await;
     let before = first.load().await.unwrap_or_else(|e| panic!("{e}"));
     let second = reopen(first);
     let after = second.load().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(after, before);
     assert_eq!(after.epoch, before_epoch);
+    assert_eq!(
+        &*after.latest[0].deployer, "team-shop",
+        "the deployer survives reopen"
+    );
+    let deployers: Vec<_> = after.tail.iter().map(|c| &*c.deployer).collect();
+    assert_eq!(deployers, ["team-shop", "", "ops"]);
     assert_eq!(second.bundle(&checksum).await.ok().flatten(), Some(code));
     assert!(
         matches!(

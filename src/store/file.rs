@@ -1532,6 +1532,7 @@ mod tests {
     fn delete(worker: &str) -> Proposal {
         Proposal::Delete {
             worker: WorkerName::parse(worker).unwrap(),
+            deployer: "".into(),
         }
     }
 

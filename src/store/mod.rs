@@ -16,7 +16,7 @@ mod memory;
 mod redis;
 mod state;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -60,6 +60,10 @@ pub struct Change {
     pub size: u64,
     /// Unix milliseconds when the core accepted it.
     pub timestamp_ms: i64,
+    /// Who asked for it: the deploy token's name as the hook request said (empty: not said).
+    /// Records written before deployers were kept read back empty.
+    #[serde(default)]
+    pub deployer: Arc<str>,
 }
 
 /// A change asked of the store.
@@ -75,11 +79,15 @@ pub enum Proposal {
         checksum: Checksum,
         /// Size of the code.
         size: u64,
+        /// Who asked (empty: not said).
+        deployer: Arc<str>,
     },
     /// Remove the worker.
     Delete {
         /// The worker.
         worker: WorkerName,
+        /// Who asked (empty: not said).
+        deployer: Arc<str>,
     },
 }
 
@@ -272,5 +280,18 @@ mod tests {
     #[tokio::test]
     async fn memory_store_passes_the_conformance_suite() {
         super::conformance::run_all(|| async { super::MemoryStore::new(1000) }).await;
+    }
+
+    #[test]
+    fn a_change_recorded_before_deployers_were_kept_loads_with_none() {
+        let old = r#"{"revision":3,"kind":"put","worker":"a","version":"1",
+            "checksum":"ab","size":2,"timestamp_ms":5}"#;
+        let change: super::Change = serde_json::from_str(old).unwrap();
+        assert_eq!((change.revision, &*change.deployer), (3, ""));
+        let mut kept = change.clone();
+        kept.deployer = "team-shop".into();
+        let again: super::Change =
+            serde_json::from_slice(&serde_json::to_vec(&kept).unwrap()).unwrap();
+        assert_eq!(again, kept);
     }
 }

@@ -445,6 +445,9 @@ struct Record {
     c: String,
     s: String,
     t: String,
+    /// The deployer; absent in records written before it was kept.
+    #[serde(default)]
+    d: String,
 }
 
 fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
@@ -468,6 +471,7 @@ fn decode_change(bytes: &[u8]) -> Result<Change, StoreError> {
             .t
             .parse::<i64>()
             .map_err(|e| corrupt("change timestamp", e))?,
+        deployer: record.d.into(),
     })
 }
 
@@ -557,14 +561,22 @@ impl Store for RedisStore {
     }
 
     async fn apply(&self, proposal: Proposal, timestamp_ms: i64) -> Result<Outcome, StoreError> {
-        let (op, worker, version, checksum, size) = match &proposal {
+        let (op, worker, version, checksum, size, deployer) = match &proposal {
             Proposal::Put {
                 worker,
                 version,
                 checksum,
                 size,
-            } => ("put", worker, version.as_str(), checksum.as_str(), *size),
-            Proposal::Delete { worker } => ("delete", worker, "", "", 0),
+                deployer,
+            } => (
+                "put",
+                worker,
+                version.as_str(),
+                checksum.as_str(),
+                *size,
+                deployer,
+            ),
+            Proposal::Delete { worker, deployer } => ("delete", worker, "", "", 0, deployer),
         };
         let (epoch, head, status, payload): (String, Revision, String, Vec<u8>) = self
             // Not idempotent: a put that ran but whose answer was lost would come back
@@ -579,7 +591,8 @@ impl Store for RedisStore {
                     .arg(size)
                     .arg(timestamp_ms)
                     .arg(self.retain)
-                    .arg(&self.keys.hint);
+                    .arg(&self.keys.hint)
+                    .arg(&**deployer);
                 async move { invocation.invoke_async(&mut connection).await }
             })
             .await?;
@@ -675,6 +688,7 @@ impl Store for RedisStore {
                     "r": revision.to_string(), "k": "put", "w": change.worker.as_str(),
                     "v": change.version.as_str(), "c": change.checksum.as_str(),
                     "s": change.size.to_string(), "t": timestamp_ms.to_string(),
+                    "d": &*change.deployer,
                 })
                 .to_string()
             })
@@ -931,7 +945,8 @@ return {epoch, head, 'changes', log_values(entries)}
 ";
 
 /// `StateMachine::decide` and `commit` in one step. ARGV[4]: 'put' | 'delete'; 5: worker;
-/// 6: version; 7: checksum; 8: size; 9: timestamp ms; 10: retain; 11: hint channel.
+/// 6: version; 7: checksum; 8: size; 9: timestamp ms; 10: retain; 11: hint channel;
+/// 12: deployer (empty: not said).
 /// Returns epoch, head, status, payload (the change record, or the existing checksum).
 const APPLY: &str = r"
 local worker = ARGV[5]
@@ -967,7 +982,7 @@ if (last[1] and last[1][1]) ~= expected_last then
 end
 local revision = head + 1
 local record = cjson.encode({r = string.format('%d', revision), k = kind, w = worker,
-  v = version, c = checksum, s = size, t = ARGV[9]})
+  v = version, c = checksum, s = size, t = ARGV[9], d = ARGV[12]})
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[10], string.format('%d-0', revision), 'c', record)
 redis.call('SET', KEYS[2], string.format('%d', revision))
 if kind == 'put' then
@@ -1646,6 +1661,19 @@ mod tests {
         command.query_async(&mut connection).await.unwrap()
     }
 
+    #[test]
+    fn a_record_written_before_deployers_were_kept_decodes_with_none() {
+        let sum = Checksum::of(b"x");
+        let old = format!(r#"{{"r":"4","k":"put","w":"a","v":"1","c":"{sum}","s":"1","t":"9"}}"#);
+        let change = decode_change(old.as_bytes()).unwrap();
+        assert_eq!((change.revision, &*change.deployer), (4, ""));
+        let new = old.replace(r#""t":"9""#, r#""t":"9","d":"team-shop""#);
+        assert_eq!(
+            &*decode_change(new.as_bytes()).unwrap().deployer,
+            "team-shop"
+        );
+    }
+
     /// The put a core holds for `worker` at `version` (code = the version's bytes).
     fn held_put(worker: &str, version: &str, revision: Revision) -> Change {
         Change {
@@ -1656,6 +1684,7 @@ mod tests {
             checksum: Checksum::of(version.as_bytes()),
             size: version.len() as u64,
             timestamp_ms: 1,
+            deployer: "".into(),
         }
     }
 

@@ -55,6 +55,7 @@ impl StateMachine {
                 version,
                 checksum,
                 size,
+                deployer,
             } => {
                 if let Some(existing) = self.versions.get(&(worker.clone(), version.clone()))
                     && existing != checksum
@@ -76,9 +77,10 @@ impl StateMachine {
                     checksum: checksum.clone(),
                     size: *size,
                     timestamp_ms,
+                    deployer: deployer.clone(),
                 })
             }
-            Proposal::Delete { worker } => match self.latest.get(worker) {
+            Proposal::Delete { worker, deployer } => match self.latest.get(worker) {
                 None => Outcome::NotFound,
                 Some(latest) => Outcome::Committed(Change {
                     revision: self.head + 1,
@@ -88,6 +90,7 @@ impl StateMachine {
                     checksum: latest.checksum.clone(),
                     size: latest.size,
                     timestamp_ms,
+                    deployer: deployer.clone(),
                 }),
             },
         }
@@ -202,6 +205,7 @@ mod tests {
             version: Version::parse(version).unwrap(),
             checksum: Checksum::of(code.as_bytes()),
             size: code.len() as u64,
+            deployer: "".into(),
         }
     }
 
@@ -228,6 +232,7 @@ mod tests {
         ));
         let delete = Proposal::Delete {
             worker: WorkerName::parse("a").unwrap(),
+            deployer: "".into(),
         };
         assert!(
             matches!(apply(&mut m, &delete), Outcome::Committed(c) if c.revision == 2 && c.version.as_str() == "1")
