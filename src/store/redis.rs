@@ -1730,7 +1730,9 @@ mod tests {
         let prefix = fresh_prefix();
         let mut config = config(&primary_url, &prefix);
         config.min_replicas = 1;
-        config.response_timeout = Duration::from_millis(800);
+        // WAIT gets half of it: room for a loaded machine's replica, short enough for the
+        // case with no replica left.
+        config.response_timeout = Duration::from_secs(3);
         let store = RedisStore::connect(config).unwrap();
         let epoch = store.load().await.unwrap().epoch;
         assert_eq!(committed(&store, "a", "1").await, 1);
