@@ -65,3 +65,49 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod watch;
+
+/// An error and its causes in words, `: `-separated: what operators read in logs and
+/// refusals (a `Debug` rendering such as tonic's `Error(Transport, ConnectError(…))` is not).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // Some errors already end with their cause's words (tonic's transport errors do).
+        let words = cause.to_string();
+        if !text.ends_with(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("connect 127.0.0.1:1")]
+        Connect(#[source] std::io::Error),
+        #[error("transport error: {0}")]
+        Repeats(#[source] std::io::Error),
+    }
+
+    fn refused() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused")
+    }
+
+    #[test]
+    fn an_error_chain_is_said_in_words_each_cause_once() {
+        assert_eq!(
+            error_chain(&Outer::Connect(refused())),
+            "connect 127.0.0.1:1: connection refused"
+        );
+        assert_eq!(
+            error_chain(&Outer::Repeats(refused())),
+            "transport error: connection refused"
+        );
+    }
+}

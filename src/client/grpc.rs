@@ -80,7 +80,9 @@ impl GrpcTransport {
                 }
             }))
             .await
-            .map_err(|e| ClientError::Transport(format!("connect {}: {e:?}", self.addr)))?;
+            .map_err(|e| {
+                ClientError::Transport(format!("connect {}: {}", self.addr, crate::error_chain(&e)))
+            })?;
         Ok(channel)
     }
 }

@@ -693,17 +693,7 @@ fn jittered(backoff: Duration) -> Duration {
     half + Duration::from_millis(extra)
 }
 
-/// The error and its causes, `: `-separated (reqwest's own message names only the URL).
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use crate::error_chain;
 
 /// Encodes a hook request body: `metadata` (JSON) and, for a put, `worker_code`. Each call
 /// picks a new random boundary, so two encodings of the same change never share a signature.
