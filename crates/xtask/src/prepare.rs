@@ -40,6 +40,14 @@ const REDIS_SERVER: Requirement = Requirement {
     packages: &["redis-server"],
 };
 
+/// The bench's NATS baseline (`tests/bench_smoke.rs`); machines of this kind run it as a
+/// service, from Debian's package.
+const NATS_SERVER: Requirement = Requirement {
+    names: &["nats-server"],
+    debian_path: "/usr/sbin/nats-server",
+    packages: &["nats-server"],
+};
+
 const CHROMIUM: Requirement = Requirement {
     names: &["chromium", "chromium-browser"],
     debian_path: "/usr/bin/chromium",
@@ -132,6 +140,14 @@ impl Preparation {
             extra_path.push(dir.to_path_buf());
         }
         self.ensure_redis(&redis_server)?;
+
+        let nats_server = find_or_install(&NATS_SERVER, root)?;
+        if !on_path(&nats_server)
+            && let Some(dir) = nats_server.parent()
+        {
+            extra_path.push(dir.to_path_buf());
+        }
+        println!("xtask: nats-server {}", nats_server.display());
 
         let chromium = match std::env::var_os(CHROMIUM_VAR).filter(|v| !v.is_empty()) {
             Some(named) => {
