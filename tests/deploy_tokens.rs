@@ -14,6 +14,22 @@ use common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// `serve --dev` on port 0 with the upload server, reading deploy tokens from `tokens` and
+/// checking it every `reload_interval`.
+fn serve_with_tokens<'a>(tokens: &'a std::path::Path, reload_interval: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["serve", "--dev"];
+    args.extend(common_ports());
+    args.extend([
+        "--upload-port",
+        "0",
+        "--tokens-file",
+        tokens.to_str().unwrap(),
+        "--tokens-reload-interval",
+        reload_interval,
+    ]);
+    args
+}
+
 fn token_line(name: &str, token: &str, patterns: &str) -> String {
     format!(
         "{name} sha256:{} {patterns}\n",
@@ -34,19 +50,8 @@ async fn a_shop_token_deploys_shop_workers_only_is_named_and_can_be_revoked() {
         ),
     )
     .unwrap();
-    let mut args = vec!["serve", "--dev"];
-    args.extend(common_ports());
-    let tokens_arg = tokens.to_str().unwrap();
-    args.extend([
-        "--upload-port",
-        "0",
-        "--tokens-file",
-        tokens_arg,
-        "--tokens-reload-interval",
-        "100ms",
-        "--log-format",
-        "json",
-    ]);
+    let mut args = serve_with_tokens(&tokens, "100ms");
+    args.extend(["--log-format", "json"]);
     let server = TestServer::start_capturing_logs(dir.path(), &args, &[("RUST_LOG", "info")]);
     let (_, upload_token) = server.secrets();
     let upload = server.addr("upload");
@@ -197,17 +202,7 @@ async fn with_no_reload_interval_a_sighup_reloads_the_tokens_file() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, token_line("team-shop", "shop-secret", "shop-*")).unwrap();
-    let mut args = vec!["serve", "--dev"];
-    args.extend(common_ports());
-    let tokens_arg = tokens.to_str().unwrap();
-    args.extend([
-        "--upload-port",
-        "0",
-        "--tokens-file",
-        tokens_arg,
-        "--tokens-reload-interval",
-        "0",
-    ]);
+    let args = serve_with_tokens(&tokens, "0");
     let server = TestServer::start(dir.path(), &args, &[]);
     let upload = server.addr("upload");
     let (status, _) = upload_with(upload, "shop-secret", "", "shop-cart", "1.0.0", b"a").await;
